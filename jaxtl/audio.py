@@ -1,0 +1,196 @@
+"""Decoding, resampling, and batched MFCC / log-mel features.
+
+Clips of a batch are zero-padded to a common length and go through librosa as one 2-D array
+(librosa computes over leading axes). This equals per-clip librosa because librosa's STFT pads with
+zeros (`pad_mode="constant"`), so a clip's own frames see the same samples either way; the dB step,
+whose `top_db` floor librosa takes over the whole array, is done per clip here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import librosa
+import numpy as np
+import scipy.fft
+import soundfile as sf
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+REPRESENTATIONS = ("mfcc", "mfcc-delta", "logmel")
+
+
+class BadAudio(Exception):
+    """A file that cannot become features; str() is one line naming the file and the reason."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+    def __reduce__(self):  # crosses process boundaries intact
+        return BadAudio, (self.path, self.reason)
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Every setting that changes a clip's features (and so keys the feature cache)."""
+
+    representation: str = "mfcc"
+    sample_rate: int = 22050
+    n_mfcc: int = 13
+    n_fft: int = 2048
+    hop_length: int = 512
+    win_length: int | None = None
+    n_mels: int = 128
+    fmin: float = 0.0
+    fmax: float | None = None
+    top_db: float = 80.0
+    max_seconds: float = 30.0
+
+    def __post_init__(self):
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"unknown representation {self.representation!r}: use one of {REPRESENTATIONS}")
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def channels(self) -> int:
+        return 3 if self.representation == "mfcc-delta" else 1
+
+
+def load_audio(path: str, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
+    """Mono float32 at `sample_rate`; reads at most `max_seconds`. Raises BadAudio for unusable files."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in AUDIO_EXTENSIONS:
+        raise BadAudio(path, f"unsupported extension {ext or '(none)'}; use one of {', '.join(AUDIO_EXTENSIONS)}")
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise BadAudio(path, f"cannot read ({e.strerror})") from None
+    if size == 0:
+        raise BadAudio(path, "empty file (0 bytes)")
+    try:
+        with sf.SoundFile(path) as f:
+            native = f.samplerate
+            frames = -1 if max_seconds is None else int(max_seconds * native)
+            y = f.read(frames=frames, dtype="float32", always_2d=True)
+    except Exception as sf_error:  # soundfile lacks some formats (old mp3 builds): try librosa's loader
+        try:
+            y, native = librosa.load(path, sr=None, mono=False, duration=max_seconds, dtype=np.float32)
+            y = np.atleast_2d(y).T
+        except Exception:
+            raise BadAudio(path, f"not a readable audio file ({str(sf_error).splitlines()[0]})") from None
+    if y.size == 0:
+        raise BadAudio(path, "no audio samples")
+    if not np.isfinite(y).all():
+        raise BadAudio(path, "contains NaN or infinite samples")
+    y = y.mean(axis=1)
+    if native != sample_rate:
+        y = librosa.resample(y, orig_sr=native, target_sr=sample_rate, res_type="soxr_hq")
+    return y.astype(np.float32)
+
+
+def n_frames(n_samples: int, hop_length: int) -> int:
+    """Frames librosa gives a centered STFT of `n_samples`."""
+    return 1 + n_samples // hop_length
+
+
+def _pad_stack(clips: list[np.ndarray]) -> np.ndarray:
+    out = np.zeros((len(clips), max(len(c) for c in clips)), np.float32)
+    for row, clip in zip(out, clips):
+        row[:len(clip)] = clip
+    return out
+
+
+def _power_to_db(power: np.ndarray, ref: np.ndarray | float, top_db: float, amin: float = 1e-10) -> np.ndarray:
+    """librosa.power_to_db with the `top_db` floor taken per clip (axis 0) instead of over the batch."""
+    db = 10.0 * np.log10(np.maximum(amin, power)) - 10.0 * np.log10(np.maximum(amin, ref))
+    return np.maximum(db, db.max(axis=(1, 2), keepdims=True) - top_db)
+
+
+def _deltas(x: np.ndarray, lengths: np.ndarray, width: int = 9) -> np.ndarray:
+    """HTK regression deltas over each clip's own frames, edge frames repeated: (N, F, T) -> (N, F, T)."""
+    half = width // 2
+    t = np.arange(x.shape[-1])
+    out = np.zeros_like(x)
+    for n in range(1, half + 1):  # loop over the window, not over clips
+        ahead = np.minimum(t[None, :] + n, lengths[:, None] - 1)
+        behind = np.maximum(t[None, :] - n, 0)
+        out += n * (np.take_along_axis(x, ahead[:, None, :], -1) - np.take_along_axis(x, behind[:, None, :], -1))
+    return out / (2 * sum(n * n for n in range(1, half + 1)))
+
+
+def features_batch(clips: list[np.ndarray], cfg: FeatureConfig) -> list[np.ndarray]:
+    """Per-clip (C, F, T_i) features for a list of clips, computed as one padded batch."""
+    lengths = np.array([n_frames(len(c), cfg.hop_length) for c in clips])
+    mel = librosa.feature.melspectrogram(
+        y=_pad_stack(clips), sr=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
+        win_length=cfg.win_length, n_mels=cfg.n_mels, fmin=cfg.fmin, fmax=cfg.fmax)
+    valid = np.arange(mel.shape[-1])[None, None, :] < lengths[:, None, None]
+    if cfg.representation == "logmel":
+        ref = np.where(valid, mel, 0.0).max(axis=(1, 2), keepdims=True)
+        feats = _power_to_db(mel, ref, cfg.top_db)[:, None]
+    else:
+        db = _power_to_db(np.where(valid, mel, 0.0), 1.0, cfg.top_db)
+        mfcc = scipy.fft.dct(db, axis=-2, type=2, norm="ortho")[:, :cfg.n_mfcc]
+        if cfg.representation == "mfcc-delta":
+            d1 = _deltas(mfcc, lengths)
+            feats = np.stack([mfcc, d1, _deltas(d1, lengths)], axis=1)
+        else:
+            feats = mfcc[:, None]
+    return [f[..., :n].astype(np.float32) for f, n in zip(feats, lengths)]
+
+
+def file_features(paths: list[str], cfg: FeatureConfig) -> tuple[list[np.ndarray | None], list[BadAudio]]:
+    """Features of files, batched by similar length; unusable files come back as None plus their error."""
+    clips: list[np.ndarray | None] = []
+    errors = []
+    for p in paths:
+        try:
+            clips.append(load_audio(p, cfg.sample_rate, cfg.max_seconds))
+        except BadAudio as e:
+            clips.append(None)
+            errors.append(e)
+    good = [i for i, c in enumerate(clips) if c is not None]
+    out: list[np.ndarray | None] = [None] * len(paths)
+    order = sorted(good, key=lambda i: len(clips[i]))
+    for start in range(0, len(order), 32):  # similar lengths together: little padding to compute on
+        chunk = order[start:start + 32]
+        for i, f in zip(chunk, features_batch([clips[i] for i in chunk], cfg)):
+            out[i] = f
+    return out, errors
+
+
+def _file_features_chunk(args):
+    return file_features(*args)
+
+
+def extract(paths: list[str], cfg: FeatureConfig, workers: int | None = None, progress: bool = True,
+            chunk: int = 64) -> tuple[list[np.ndarray | None], list[BadAudio]]:
+    """`file_features` over many files, spread over processes (spawned: JAX's threads forbid fork)."""
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    workers = workers or os.cpu_count() or 1
+    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    bar = tqdm(total=len(paths), desc="features", unit="clip", disable=not progress, leave=False)
+    results = []
+    if workers == 1 or len(chunks) == 1:
+        for c in chunks:
+            results.append(file_features(c, cfg))
+            bar.update(len(c))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as pool:
+            for c, r in zip(chunks, pool.map(_file_features_chunk, [(c, cfg) for c in chunks])):
+                results.append(r)
+                bar.update(len(c))
+    bar.close()
+    feats = [f for r in results for f in r[0]]
+    errors = [e for r in results for e in r[1]]
+    return feats, errors

@@ -1,0 +1,96 @@
+"""HDF5 feature cache: per-clip features keyed by the file's identity and every feature setting.
+
+One file per feature setting (`features-<settings hash>.h5`), holding the ragged layout of
+`RaggedFeatures` plus one key per clip (path, size, mtime). Writes go to a temporary file that gets
+a `complete` mark last and is then renamed over the old one, so a run killed mid-write leaves either
+the old cache or the new one, never a file that reads as valid but is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from jaxtl.audio import BadAudio, FeatureConfig, extract
+
+
+def file_key(path: str) -> str:
+    """Identity of a file's content as cheaply as possible: absolute path, size, modification time."""
+    st = os.stat(path)
+    return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+
+
+class FeatureCache:
+    def __init__(self, directory: str | os.PathLike, cfg: FeatureConfig):
+        self.cfg = cfg
+        self.path = Path(directory) / f"features-{cfg.key()}.h5"
+        self.settings = json.dumps(asdict(cfg), sort_keys=True)
+
+    def load(self) -> dict[str, np.ndarray]:
+        """Every cached clip, or nothing when the file is absent, incomplete, or of other settings."""
+        if not self.path.exists():
+            return {}
+        try:
+            with h5py.File(self.path, "r") as f:
+                if not f.attrs.get("complete") or f.attrs.get("settings") != self.settings:
+                    return {}
+                keys = [k.decode() for k in f["keys"][:]]
+                offsets, lengths, flat = f["offsets"][:], f["lengths"][:], f["flat"][:]
+        except (OSError, KeyError):
+            return {}
+        return {k: flat[..., o:o + n] for k, o, n in zip(keys, offsets, lengths)}
+
+    def store(self, entries: dict[str, np.ndarray]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = sorted(entries)
+        lengths = np.array([entries[k].shape[-1] for k in keys], np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".h5.tmp")
+        os.close(fd)
+        try:
+            with h5py.File(tmp, "w") as f:
+                f["keys"] = np.array([k.encode() for k in keys])
+                f["offsets"], f["lengths"] = offsets, lengths
+                f["flat"] = np.concatenate([entries[k] for k in keys], axis=-1).astype(np.float32)
+                f.attrs["settings"] = self.settings
+                f.flush()
+                f.attrs["complete"] = True
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def cached_features(paths: list[str], cfg: FeatureConfig, cache_dir: str | os.PathLike | None,
+                    workers: int | None = None, progress: bool = True):
+    """Features for `paths` (None where a file is bad), the BadAudio errors, and (hits, misses)."""
+    if cache_dir is None:
+        feats, errors = extract(paths, cfg, workers, progress)
+        return feats, errors, (0, len(paths))
+    cache = FeatureCache(cache_dir, cfg)
+    stored = cache.load()
+    keys, errors = [], []
+    for p in paths:
+        try:
+            keys.append(file_key(p))
+        except OSError as e:
+            keys.append(None)
+            errors.append(BadAudio(p, f"cannot read ({e.strerror})"))
+    todo = [i for i, k in enumerate(keys) if k is not None and k not in stored]
+    feats = [stored.get(k) if k is not None else None for k in keys]
+    if todo:
+        new, new_errors = extract([paths[i] for i in todo], cfg, workers, progress)
+        errors += new_errors
+        for i, f in zip(todo, new):
+            feats[i] = f
+            if f is not None:
+                stored[keys[i]] = f
+        cache.store(stored)
+    return feats, errors, (len(paths) - len(todo), len(todo))

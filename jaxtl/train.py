@@ -1,0 +1,666 @@
+"""Training: the run config, pure train/eval steps, the loop, and `python -m jaxtl.train`.
+
+Every mode is a split point `k` (see `jaxtl.model`): convs `[0, k)` are frozen, the rest of the base
+and the head train. Frozen work is paid once: without input augmentation the frozen prefix runs once
+per clip and the step trains the suffix on its cached output; with augmentation the prefix runs
+forward-only inside the step. Gradients are taken of the trainable partition only, and
+`optax.multi_transform` gives each label (`frozen`, `base`, `head`) its own optimizer, so the
+optimizer state and the checkpoints still hold the whole tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxtl import images as imagelib
+from jaxtl.audio import REPRESENTATIONS, BadAudio, FeatureConfig
+from jaxtl.cache import cached_features
+from jaxtl.checkpoint import CheckpointError, Checkpoints
+from jaxtl.data import LAYOUTS, SPLITS, DataError, discover, fetch_fsdd, split_indices, subset, synthetic
+from jaxtl.images import RaggedFeatures
+from jaxtl.model import CONV_NAMES, N_CONV, Classifier, output_shape
+from jaxtl.sharding import global_batch, make_mesh, prefetch, replicate
+from jaxtl.weights import WeightsError, resolve_weights
+
+MODES = ("frozen", "finetune", "progressive", "scratch")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(Exception):
+    """A run setting that cannot work; one line naming the flag."""
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; `python -m jaxtl.train` only fills it. Defaults are the seed recipe's."""
+
+    # data
+    data: str | None = _f(None, "dataset directory or CSV manifest (default: $JAXTL_DATA, else FSDD "
+                                "downloaded, else the built-in synthetic set)")
+    layout: str = _f("auto", "dataset layout", choices=LAYOUTS)
+    split: str = _f("stratified", "test split: stratified 80/20, by group (speaker), or as the data marks it",
+                    choices=SPLITS)
+    val_method: str = _f("stratified", "validation split: stratified, or the tail of the training part as "
+                                       "Keras' validation_split", choices=("stratified", "tail"))
+    test_size: float = _f(0.2, "fraction of clips held out for test")
+    val_size: float = _f(0.2, "fraction of the training part used for validation")
+    max_clips: int | None = _f(None, "use a stratified subset of this many clips")
+    on_bad_file: str = _f("error", "a file that cannot be decoded: stop, or skip and report it",
+                          choices=("error", "skip"))
+    # features and images
+    representation: str = _f("mfcc", "feature image", choices=REPRESENTATIONS)
+    sample_rate: int = _f(22050, "resample audio to this rate (Hz)")
+    n_mfcc: int = _f(13, "MFCC coefficients")
+    n_fft: int = _f(2048, "FFT size")
+    hop_length: int = _f(512, "STFT hop (samples)")
+    n_mels: int = _f(128, "mel bands")
+    fmax: float | None = _f(None, "highest mel frequency (Hz; default sample_rate / 2)")
+    image_size: int = _f(224, "square image side (pixels)")
+    fit: str = _f("pad", "time axis: zero-pad/truncate (seed) or stretch each clip to the width",
+                  choices=imagelib.FIT_MODES)
+    preprocess: str = _f("unit", "network input: [0,1] images (seed) or Keras' caffe preprocessing",
+                         choices=imagelib.PREPROCESS_MODES)
+    # model
+    weights: str | None = _f(None, "imagenet | a weight file | random (default: imagenet when found, "
+                                   "else random init, announced)")
+    mode: str = _f("frozen", "what trains", choices=MODES)
+    finetune_convs: int = _f(3, "conv layers unfrozen by finetune/progressive (3 = the last block)")
+    hidden: int = _f(256, "head hidden units (0: a linear head)")
+    dropout: float = _f(0.0, "head dropout rate")
+    pooling: str = _f("flatten", "how the head sees the base output", choices=("flatten", "avg", "avgmax"))
+    normalize: bool = _f(False, "standardise head inputs with statistics of the training split")
+    dtype: str = _f("float32", "compute dtype of the convolutions (params stay float32)", choices=tuple(DTYPES))
+    # optimisation
+    epochs: int = _f(10, "epochs (stage 1 of progressive)")
+    finetune_epochs: int = _f(10, "epochs of progressive's stage 2")
+    batch_size: int = _f(32, "global batch size")
+    lr: float = _f(1e-3, "Adam learning rate of the head")
+    base_lr: float = _f(1e-5, "Adam learning rate of unfrozen base layers")
+    weight_decay: float = _f(0.0, "decoupled weight decay of the head")
+    patience: int = _f(3, "early stopping patience in epochs on validation loss (0: off)")
+    plateau_patience: int = _f(2, "epochs without improvement before the learning rate is cut (0: off)")
+    plateau_factor: float = _f(0.5, "learning-rate factor on a plateau")
+    # augmentation (any of these runs the frozen prefix inside the step)
+    noise_std: float = _f(0.0, "Gaussian noise std added to [0,1] images")
+    time_shift: int = _f(0, "random circular time shift of up to this many image columns")
+    time_mask: int = _f(0, "SpecAugment time mask of up to this many columns")
+    freq_mask: int = _f(0, "SpecAugment frequency mask of up to this many rows")
+    # run
+    seed: int = _f(42, "seed of splits, init, shuffling and augmentation")
+    out: str = _f("runs/latest", "run directory")
+    resume: bool = _f(False, "continue the run in --out from its latest checkpoint")
+    cache_dir: str | None = _f(".jaxtl_cache", "feature cache directory ('' to disable)")
+    cache_prefix: bool = _f(True, "run the frozen prefix once per clip when inputs do not change")
+    workers: int | None = _f(None, "feature extraction processes (default: all cores)")
+    keep_checkpoints: int = _f(2, "latest checkpoints kept")
+    progress: bool = _f(True, "progress bars")
+
+    def validate(self) -> TrainConfig:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r}: use one of {choices}")
+        checks = [
+            (self.image_size >= 32, "--image-size must be at least 32 (five 2x2 pools)"),
+            (self.batch_size >= 1, "--batch-size must be positive"),
+            (self.epochs >= 0 and self.finetune_epochs >= 0, "--epochs must not be negative"),
+            (0 < self.test_size < 1, "--test-size must be between 0 and 1"),
+            (0 <= self.val_size < 1, "--val-size must be in [0, 1)"),
+            (1 <= self.finetune_convs <= N_CONV, f"--finetune-convs must be in 1..{N_CONV}"),
+            (self.lr > 0 and self.base_lr > 0, "learning rates must be positive"),
+            (not (self.mode == "scratch" and self.weights not in (None, "random")),
+             "--mode scratch trains from random init; drop --weights"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    @property
+    def augments(self) -> bool:
+        return bool(self.noise_std or self.time_shift or self.time_mask or self.freq_mask)
+
+    def features(self) -> FeatureConfig:
+        return FeatureConfig(representation=self.representation, sample_rate=self.sample_rate,
+                             n_mfcc=self.n_mfcc, n_fft=self.n_fft, hop_length=self.hop_length,
+                             n_mels=self.n_mels, fmax=self.fmax)
+
+    def model(self, num_classes: int) -> Classifier:
+        return Classifier(num_classes, hidden=self.hidden, dropout=self.dropout, pooling=self.pooling,
+                          normalize=self.normalize, dtype=DTYPES[self.dtype])
+
+    def stages(self) -> list[tuple[int, int, float]]:
+        """(split k, epochs, base learning rate) for each training stage."""
+        k_tune = N_CONV - self.finetune_convs
+        return {"frozen": [(N_CONV, self.epochs, self.base_lr)],
+                "finetune": [(k_tune, self.epochs, self.base_lr)],
+                "progressive": [(N_CONV, self.epochs, self.base_lr), (k_tune, self.finetune_epochs, self.base_lr)],
+                "scratch": [(0, self.epochs, self.lr)]}[self.mode]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure functions: labels, optimizer, state, steps.
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    norm: Any  # fixed head-input statistics ({} when unused)
+    lr_scale: jax.Array  # cut by reduce-on-plateau; multiplies every update
+
+
+def param_labels(params, k: int):
+    """`frozen` for base convs before the split, `base` after it, `head` for the head."""
+    frozen = set(CONV_NAMES[:k])
+    base = {name: jax.tree.map(lambda _: "frozen" if name in frozen else "base", p)
+            for name, p in params["base"].items()}
+    return {"base": base, "head": jax.tree.map(lambda _: "head", params["head"])}
+
+
+def make_optimizer(cfg: TrainConfig, labels, base_lr: float) -> optax.GradientTransformation:
+    head = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay) if cfg.weight_decay else optax.adam(cfg.lr)
+    return optax.multi_transform({"frozen": optax.set_to_zero(), "base": optax.adam(base_lr), "head": head},
+                                 labels)
+
+
+def partition(tree, labels):
+    """(trainable, frozen): two trees of the same structure, None where the other one holds the leaf."""
+    trainable = jax.tree.map(lambda x, lab: None if lab == "frozen" else x, tree, labels)
+    frozen = jax.tree.map(lambda x, lab: x if lab == "frozen" else None, tree, labels)
+    return trainable, frozen
+
+
+def merge(a, b):
+    return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
+
+
+def create_train_state(params, norm, tx) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), norm=norm,
+                      lr_scale=jnp.ones((), jnp.float32))
+
+
+def augment(images, rng, cfg: TrainConfig):
+    """Noise, random time shift and SpecAugment masks on (N, H, W, 3) [0,1] images, per clip."""
+    n, h, w, _ = images.shape
+    k_noise, k_shift, k_t, k_tw, k_f, k_fw = jax.random.split(rng, 6)
+    if cfg.time_shift:
+        shift = jax.random.randint(k_shift, (n,), -cfg.time_shift, cfg.time_shift + 1)
+        cols = (jnp.arange(w)[None, :] - shift[:, None]) % w
+        images = jnp.take_along_axis(images, cols[:, None, :, None], axis=2)
+    for size, axis, k_pos, k_width in ((cfg.time_mask, 2, k_t, k_tw), (cfg.freq_mask, 1, k_f, k_fw)):
+        if size:
+            extent = images.shape[axis]
+            width = jax.random.randint(k_width, (n,), 0, size + 1)
+            start = jax.random.randint(k_pos, (n,), 0, extent) - width // 2
+            pos = jnp.arange(extent)[None, :]
+            masked = (pos >= start[:, None]) & (pos < start[:, None] + width[:, None])
+            shape = (n, extent, 1, 1) if axis == 1 else (n, 1, extent, 1)
+            images = jnp.where(masked.reshape(shape), 0.0, images)
+    if cfg.noise_std:
+        images = images + cfg.noise_std * jax.random.normal(k_noise, images.shape)
+    return images
+
+
+def forward(params, norm, x, rng, *, model: Classifier, cfg: TrainConfig, k: int, cached: bool, train: bool):
+    """Logits from the step's input: prefix activations at split k (`cached`), else [0,1] images."""
+    variables = {"params": params, "norm": norm}
+    if not cached:
+        x = imagelib.decode(x)
+        if train and cfg.augments:
+            x = augment(x, jax.random.fold_in(rng, 1), cfg)
+        x = imagelib.preprocess(x, cfg.preprocess)
+        if k:
+            x = jax.lax.stop_gradient(model.apply(variables, x, stop=k, method=Classifier.features))
+    return model.apply(variables, x, train=train, start=k, rngs={"dropout": rng} if train else {})
+
+
+def _loss_and_metrics(logits, y, mask):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+    correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    metrics = jnp.stack([jnp.sum(ce * mask), jnp.sum(correct * mask), jnp.sum(mask)])
+    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), metrics
+
+
+def train_step(state: TrainState, batch, rng, *, model, cfg, tx, labels, k, cached):
+    """One update of the trainable partition; frozen leaves pass through untouched (and uncopied)."""
+    trainable, frozen = partition(state.params, labels)
+    step_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(tr):
+        logits = forward(merge(tr, frozen), state.norm, batch["x"], step_rng, model=model, cfg=cfg, k=k,
+                         cached=cached, train=True)
+        return _loss_and_metrics(logits, batch["y"], batch["mask"])
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    grads = merge(grads, jax.tree.map(jnp.zeros_like, frozen))  # set_to_zero never reads these
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * state.lr_scale, partition(updates, labels)[0])
+    params = merge(optax.apply_updates(trainable, updates), frozen)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(state: TrainState, batch, *, model, cfg, k, cached):
+    logits = forward(state.params, state.norm, batch["x"], None, model=model, cfg=cfg, k=k, cached=cached,
+                     train=False)
+    return _loss_and_metrics(logits, batch["y"], batch["mask"])[1], logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host side: data preparation, batches, the loop.
+
+
+@dataclass
+class Prepared:
+    paths: list[str]
+    feats: RaggedFeatures
+    y: np.ndarray
+    classes: list[str]
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    skipped: list[BadAudio]
+    data_source: str
+
+
+def resolve_data(cfg: TrainConfig, log: Callable = print) -> str:
+    if cfg.data:
+        return cfg.data
+    if os.environ.get("JAXTL_DATA"):
+        return os.environ["JAXTL_DATA"]
+    cache = Path(cfg.cache_dir or ".jaxtl_cache")
+    try:
+        return str(fetch_fsdd(cache))
+    except DataError as e:
+        root = synthetic(cache)
+        log(f"*** no --data given and FSDD cannot be downloaded ({e}); using the built-in SYNTHETIC dataset "
+            f"at {root} (4 classes of generated sounds, 24 clips each) ***")
+        return str(root)
+
+
+def prepare(cfg: TrainConfig, log: Callable = print) -> Prepared:
+    """Files -> features -> labels -> splits, with bad files handled as `--on-bad-file` says."""
+    source = resolve_data(cfg, log)
+    ds = discover(source, cfg.layout)
+    classes = list(ds.encoder().classes_)
+    y_all = np.searchsorted(classes, ds.labels)
+    keep = subset(y_all, cfg.max_clips, cfg.seed, classes)
+    paths = [ds.paths[i] for i in keep]
+    bad = list(ds.bad)
+    if bad and cfg.on_bad_file == "error":
+        raise DataError(f"{bad[0]} (use --on-bad-file skip to go on without it)")
+    feats, errors, (hits, misses) = cached_features(paths, cfg.features(), cfg.cache_dir or None, cfg.workers,
+                                                    cfg.progress)
+    log(f"features: {len(paths)} clips ({hits} from cache, {misses} computed) from {source} [{ds.layout}]")
+    if errors and cfg.on_bad_file == "error":
+        raise DataError(f"{errors[0]} (use --on-bad-file skip to go on without it)")
+    ok = [i for i, f in enumerate(feats) if f is not None]
+    y = y_all[keep][ok]
+    groups = [ds.groups[keep[i]] for i in ok]
+    given = [ds.splits[keep[i]] for i in ok]
+    method = cfg.split
+    train, val, test = split_indices(y, groups, given, method, cfg.test_size, cfg.val_size, cfg.seed, classes,
+                                     cfg.val_method)
+    return Prepared([paths[i] for i in ok], RaggedFeatures.from_list([feats[i] for i in ok]), y, classes,
+                    train, val, test, bad + errors, source)
+
+
+def image_batch(feats: RaggedFeatures, idx: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    width = cfg.image_size if cfg.fit == "pad" else None
+    batch, lengths = feats.padded(idx, width)
+    return imagelib.to_images(batch, lengths, cfg.image_size, cfg.fit)
+
+
+def batches(n: int, batch_size: int, multiple: int, rng: np.random.Generator | None):
+    """Index batches covering 0..n-1 once; the last is padded to full size and masked."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    size = -(-batch_size // multiple) * multiple
+    for start in range(0, n, size):
+        idx = order[start:start + size]
+        mask = np.zeros(size, np.float32)
+        mask[:len(idx)] = 1.0
+        yield np.concatenate([idx, np.full(size - len(idx), idx[0])]), mask
+
+
+class Inputs:
+    """What a step eats for a set of clips: cached prefix activations, or images made per batch."""
+
+    def __init__(self, prep: Prepared, cfg: TrainConfig, acts: np.ndarray | None):
+        self.prep, self.cfg, self.acts = prep, cfg, acts
+
+    def __call__(self, clip_ids: np.ndarray) -> np.ndarray:
+        if self.acts is not None:
+            return self.acts[clip_ids]
+        return image_batch(self.prep.feats, clip_ids, self.cfg)
+
+
+def fit_normalizer(head_inputs: np.ndarray) -> dict:
+    """Per-feature mean and inverse std; the std floor keeps dead features (all zeros) harmless."""
+    mean = head_inputs.mean(0)
+    std = head_inputs.std(0)
+    scale = 1.0 / (std + 1e-2 * std.mean() + 1e-12)
+    return {"head": {"mean": jnp.asarray(mean, jnp.float32), "scale": jnp.asarray(scale, jnp.float32)}}
+
+
+def compute_prefix(model, params, prep: Prepared, cfg: TrainConfig, k: int, mesh, desc: str) -> np.ndarray:
+    """Activations after the first k convs for every clip, computed once (forward only, jitted)."""
+    from tqdm.auto import tqdm
+
+    @jax.jit
+    def run(params, x):
+        x = imagelib.preprocess(imagelib.decode(x), cfg.preprocess)
+        return model.apply({"params": params}, x, stop=k, method=Classifier.features)
+
+    n = len(prep.y)
+    h, w, c = output_shape(cfg.image_size, cfg.image_size, 0, k)
+    out = np.zeros((n, h, w, c), DTYPES[cfg.dtype])
+    size = cfg.batch_size * 2
+    batch_iter = ((idx, mask, image_batch(prep.feats, idx, cfg)) for idx, mask in
+                  batches(n, size, mesh.size, None))
+    with tqdm(total=n, desc=desc, unit="clip", disable=not cfg.progress, leave=False) as bar:
+        for idx, mask, x in prefetch(batch_iter):
+            acts = np.asarray(run(params, global_batch(mesh, {"x": x})["x"]))
+            real = mask > 0
+            out[idx[real]] = acts[real]
+            bar.update(int(real.sum()))
+    return out
+
+
+def run_epoch(step_fn, state, inputs: Inputs, clip_ids, y, cfg, mesh, rng, desc, train: bool):
+    """One pass over clip_ids; returns state and (mean loss, accuracy, clips, seconds)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    order_rng = np.random.default_rng(rng) if train else None
+    host = ((idx, mask, inputs(clip_ids[idx])) for idx, mask in batches(len(clip_ids), cfg.batch_size,
+                                                                       mesh.size, order_rng))
+    totals = jnp.zeros(3)
+    n_batches = -(-len(clip_ids) // cfg.batch_size)
+    with tqdm(total=n_batches, desc=desc, unit="batch", disable=not cfg.progress, leave=False) as bar:
+        for i, (idx, mask, x) in enumerate(prefetch(host)):
+            batch = global_batch(mesh, {"x": x, "y": y[clip_ids[idx]].astype(np.int32), "mask": mask})
+            if train:
+                state, metrics = step_fn(state, batch)
+            else:
+                metrics, _ = step_fn(state, batch)
+            totals = totals + metrics
+            bar.update(1)
+            if cfg.progress and (i % 10 == 0 or i == n_batches - 1):
+                t = np.asarray(totals)
+                bar.set_postfix(loss=f"{t[0] / max(t[2], 1):.4f}", acc=f"{t[1] / max(t[2], 1):.3f}")
+    t = np.asarray(totals)
+    return state, (float(t[0] / max(t[2], 1)), float(t[1] / max(t[2], 1)), int(t[2]), time.perf_counter() - t0)
+
+
+def _plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax in (("loss", axes[0]), ("acc", axes[1])):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
+        if any(h.get(f"val_{key}") is not None for h in history):
+            ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def init_params(model: Classifier, cfg: TrainConfig, sample_shape, base_variables):
+    variables = model.init(jax.random.PRNGKey(cfg.seed), jnp.zeros(sample_shape, jnp.float32))
+    params = flax.core.unfreeze(variables["params"])
+    if base_variables is not None:
+        params["base"] = jax.tree.map(jnp.asarray, base_variables["params"])
+    return params, dict(variables.get("norm", {}))
+
+
+def resolve_run_weights(cfg: TrainConfig, log: Callable) -> tuple[dict | None, str]:
+    if cfg.mode == "scratch":
+        return None, "random init (scratch)"
+    if cfg.weights is not None:
+        return resolve_weights(cfg.weights)
+    try:
+        return resolve_weights("imagenet")
+    except WeightsError as e:
+        log(f"*** ImageNet weights unavailable ({e}); training on a RANDOMLY INITIALISED VGG16 base. "
+            "Pass --weights FILE to use a weight file. ***")
+        return None, "random init (ImageNet weights unavailable)"
+
+
+def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None = None) -> dict:
+    """Train as `cfg` says; returns the summary (also written to OUT/summary.json)."""
+    cfg.validate()
+    out = Path(cfg.out)
+    if out.exists() and (out / "checkpoints").exists() and not cfg.resume:
+        raise ConfigError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
+    if cfg.resume:
+        if not (out / "config.json").exists():
+            raise ConfigError(f"--resume: {out} holds no run (no config.json)")
+        saved = TrainConfig(**json.loads((out / "config.json").read_text()))
+        cfg = dataclasses.replace(saved, resume=True, progress=cfg.progress, epochs=cfg.epochs,
+                                  finetune_epochs=cfg.finetune_epochs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    t_start = time.perf_counter()
+    prep = prepare(cfg, log)
+    if prep.skipped:
+        report = "".join(f"{e.path}\t{e.reason}\n" for e in prep.skipped)
+        (out / "skipped.tsv").write_text(report)
+    base_vars, weights_source = resolve_run_weights(cfg, log)
+    log(f"weights: {weights_source}")
+    mesh = make_mesh()
+    model = cfg.model(len(prep.classes))
+    s = cfg.image_size
+    params, norm = init_params(model, cfg, (1, s, s, 3), base_vars)
+    stages = cfg.stages()
+    k_min = min(k for k, _, _ in stages)
+    cached = cfg.cache_prefix and not cfg.augments and k_min > 0
+    acts_min = compute_prefix(model, params, prep, cfg, k_min, mesh, "frozen prefix") if cached else None
+    log(f"data: {len(prep.train)} train / {len(prep.val)} val / {len(prep.test)} test clips, "
+        f"{len(prep.classes)} classes; mode {cfg.mode}; prefix {'cached' if cached else 'in the step'}")
+
+    ckpt = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
+    meta_base = {"classes": prep.classes, "config": dataclasses.asdict(cfg), "weights": weights_source}
+    start_stage, start_epoch, counters = 0, 0, {"best_val": float("inf"), "bad": 0, "plateau_bad": 0}
+    restored = None
+    if cfg.resume and ckpt.steps():
+        meta = ckpt.meta()
+        start_stage, start_epoch = meta["stage"], meta["epoch"] + 1
+        counters = meta["counters"]
+        restored = meta
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
+        if restored and (out / "metrics.jsonl").exists() else []
+    history = [h for h in history if (h["stage"], h["epoch"]) <= (start_stage, start_epoch - 1)]
+    rng = jax.random.PRNGKey(cfg.seed)
+    state, steps_done = None, 0
+    for stage, (k, epochs, base_lr) in enumerate(stages):
+        if stage < start_stage:
+            continue
+        acts = acts_min
+        if cached and k > k_min:  # the later split's input is one cheap suffix pass over the cached one
+            acts = _advance(model, params, acts_min, k_min, k, cfg)
+        inputs = Inputs(prep, cfg, acts)
+        labels = param_labels(params, k)
+        tx = make_optimizer(cfg, labels, base_lr)
+        if cfg.normalize and stage == 0 and restored is None:
+            norm = _fit_norm(model, params, inputs, prep, cfg, k, cached, mesh)
+        state = create_train_state(params, norm, tx)
+        state = replicate(mesh, state.replace(step=jnp.asarray(steps_done, jnp.int32)))
+        if restored is not None and stage == start_stage:
+            state, _ = ckpt.restore(state)
+            state = replicate(mesh, state)
+            restored = None
+        step_fn = jax.jit(functools.partial(train_step, rng=rng, model=model, cfg=cfg, tx=tx, labels=labels,
+                                            k=k, cached=cached))
+        eval_fn = jax.jit(functools.partial(eval_step, model=model, cfg=cfg, k=k, cached=cached))
+        best_params = state.params
+        if stage == start_stage and start_epoch > 0 and ckpt.steps("best"):
+            best_meta = ckpt.meta("best")
+            if best_meta["stage"] == stage:
+                best_params = ckpt.restore(state, "best")[0].params
+        first = start_epoch if stage == start_stage else 0
+        if cfg.patience and counters["bad"] >= cfg.patience:  # resumed after early stopping: stage is done
+            first = epochs
+        for epoch in range(first, epochs):
+            state, (tr_loss, tr_acc, n, secs) = run_epoch(
+                step_fn, state, inputs, prep.train, prep.y, cfg, mesh, [cfg.seed, stage, epoch],
+                f"stage {stage + 1} epoch {epoch + 1}/{epochs}", train=True)
+            val_loss = val_acc = None
+            if len(prep.val):
+                _, (val_loss, val_acc, _, _) = run_epoch(eval_fn, state, inputs, prep.val, prep.y, cfg, mesh,
+                                                         None, "validation", train=False)
+            monitored = val_loss if val_loss is not None else tr_loss
+            if not np.isfinite(tr_loss):
+                raise FloatingPointError(f"training diverged: loss {tr_loss} in stage {stage + 1} epoch "
+                                         f"{epoch + 1} (step {int(state.step)}); the last good checkpoint "
+                                         f"is in {out / 'checkpoints'}")
+            improved = monitored < counters["best_val"] - 1e-7
+            if improved:
+                counters = {"best_val": monitored, "bad": 0, "plateau_bad": 0}
+                best_params = state.params
+            else:
+                counters["bad"] += 1
+                counters["plateau_bad"] += 1
+                if cfg.plateau_patience and counters["plateau_bad"] >= cfg.plateau_patience:
+                    state = state.replace(lr_scale=state.lr_scale * cfg.plateau_factor)
+                    counters["plateau_bad"] = 0
+            row = {"stage": stage, "epoch": epoch, "step": int(state.step), "train_loss": tr_loss,
+                   "train_acc": tr_acc, "val_loss": val_loss, "val_acc": val_acc,
+                   "lr": cfg.lr * float(state.lr_scale), "seconds": secs, "images_per_s": n / secs}
+            history.append(row)
+            _write_jsonl(out / "metrics.jsonl", history)
+            log(f"stage {stage + 1} epoch {epoch + 1}/{epochs}: loss {tr_loss:.4f} acc {tr_acc:.3f}"
+                + (f" | val loss {val_loss:.4f} acc {val_acc:.3f}" if val_loss is not None else "")
+                + f" | {secs:.2f}s, {n / secs:.0f} clips/s")
+            meta = {**meta_base, "stage": stage, "epoch": epoch, "counters": counters}
+            ckpt.save(int(state.step), state, meta, best=improved)
+            if on_epoch_end:
+                on_epoch_end(stage, epoch)
+            if cfg.patience and counters["bad"] >= cfg.patience:
+                log(f"early stopping: no validation improvement for {cfg.patience} epochs")
+                break
+        state = state.replace(params=best_params)
+        params, norm, steps_done = state.params, state.norm, int(state.step)
+        counters = {"best_val": float("inf"), "bad": 0, "plateau_bad": 0}
+    ckpt.close()
+
+    test_loss = test_acc = None
+    if state is not None and len(prep.test):
+        eval_fn = jax.jit(functools.partial(eval_step, model=model, cfg=cfg, k=stages[-1][0], cached=cached))
+        acts = acts_min if not cached or stages[-1][0] == k_min else _advance(model, params, acts_min, k_min,
+                                                                              stages[-1][0], cfg)
+        _, (test_loss, test_acc, _, _) = run_epoch(eval_fn, state, Inputs(prep, cfg, acts), prep.test, prep.y,
+                                                   cfg, mesh, None, "test", train=False)
+    train_rows = [h for h in history]
+    summary = {
+        "test_accuracy": test_acc, "test_loss": test_loss, "n_test": len(prep.test), "n_train": len(prep.train),
+        "n_val": len(prep.val), "classes": prep.classes, "weights": weights_source, "data": prep.data_source,
+        "mode": cfg.mode, "epochs_run": len(train_rows), "wall_seconds": time.perf_counter() - t_start,
+        "seconds_per_epoch": float(np.mean([h["seconds"] for h in train_rows])) if train_rows else None,
+        "train_images_per_s": float(np.mean([h["images_per_s"] for h in train_rows])) if train_rows else None,
+        "skipped_files": [str(e) for e in prep.skipped], "device": str(jax.devices()[0].platform),
+        "n_devices": len(jax.devices()),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if history:
+        _plot_curves(history, out / "curves.png")
+    if prep.skipped:
+        log(f"skipped {len(prep.skipped)} file(s) (listed in {out / 'skipped.tsv'}):")
+        for e in prep.skipped:
+            log(f"  {e}")
+    log(f"test accuracy {test_acc if test_acc is None else f'{test_acc:.4f}'} on {len(prep.test)} clips; "
+        f"{summary['wall_seconds']:.1f}s wall; run in {out}")
+    return summary
+
+
+def _advance(model, params, acts, k_from: int, k_to: int, cfg: TrainConfig) -> np.ndarray:
+    """Cached activations at split k_from -> at split k_to, in batches."""
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, start=k_from, stop=k_to,
+                                          method=lambda m, x, start, stop: m.base(x, start, stop)))
+    step = cfg.batch_size * 4
+    return np.concatenate([np.asarray(fn(params, acts[i:i + step])) for i in range(0, len(acts), step)])
+
+
+def _fit_norm(model, params, inputs: Inputs, prep: Prepared, cfg, k, cached, mesh) -> dict:
+    """Head-input statistics over the training split, with the params training starts from."""
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x if cached else imagelib.preprocess(
+        imagelib.decode(x), cfg.preprocess), start=k if cached else 0, method=Classifier.head_inputs))
+    rows = []
+    for idx, mask in batches(len(prep.train), cfg.batch_size, mesh.size, None):
+        feats = np.asarray(fn(params, inputs(prep.train[idx])))
+        rows.append(feats[mask > 0])
+    return fit_normalizer(np.concatenate(rows))
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _parse_type(annotation: str, value: str):
+    if value.lower() in ("none", "") and "None" in annotation:
+        return None
+    base = annotation.replace(" | None", "").strip()
+    return {"int": int, "float": float, "str": str}[base](value)
+
+
+def build_parser(cls=TrainConfig, prog: str = "python -m jaxtl.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=functools.partial(_parse_type, f.type), default=f.default,
+                                metavar=f.name.upper(), help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = TrainConfig(**vars(args))
+    try:
+        run(cfg)
+    except (ConfigError, DataError, WeightsError, CheckpointError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
