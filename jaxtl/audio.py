@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 
 import librosa
@@ -79,7 +80,9 @@ def load_audio(path: str, sample_rate: int, max_seconds: float | None = None) ->
             y = f.read(frames=frames, dtype="float32", always_2d=True)
     except Exception as sf_error:  # soundfile lacks some formats (old mp3 builds): try librosa's loader
         try:
-            y, native = librosa.load(path, sr=None, mono=False, duration=max_seconds, dtype=np.float32)
+            with warnings.catch_warnings():  # librosa warns about its deprecated audioread path
+                warnings.simplefilter("ignore")
+                y, native = librosa.load(path, sr=None, mono=False, duration=max_seconds, dtype=np.float32)
             y = np.atleast_2d(y).T
         except Exception:
             raise BadAudio(path, f"not a readable audio file ({str(sf_error).splitlines()[0]})") from None

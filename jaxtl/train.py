@@ -626,6 +626,49 @@ def _fit_norm(model, params, inputs: Inputs, prep: Prepared, cfg, k, cached, mes
 
 
 # ---------------------------------------------------------------------------------------------------
+# Restoring a run for evaluation and prediction.
+
+
+@dataclass
+class RestoredRun:
+    cfg: TrainConfig
+    model: Classifier
+    variables: dict  # {'params': ..., 'norm': ...}
+    classes: list[str]
+    meta: dict
+
+
+def restore_run(run_dir: str | os.PathLike, which: str = "best") -> RestoredRun:
+    """The model of a finished or interrupted run, as saved in its `best` (or `latest`) checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise CheckpointError(f"{run_dir}: not a jaxtl run directory (no config.json)")
+    ckpt = Checkpoints(run_dir / "checkpoints")
+    try:
+        meta = ckpt.meta(which)
+        cfg = TrainConfig(**meta["config"])
+        model = cfg.model(len(meta["classes"]))
+        params, norm = init_params(model, cfg, (1, 32, 32, 3), None)
+        k, _, base_lr = cfg.stages()[meta["stage"]]
+        template = create_train_state(params, norm, make_optimizer(cfg, param_labels(params, k), base_lr))
+        state, meta = ckpt.restore(template, which)
+    finally:
+        ckpt.close()
+    return RestoredRun(cfg, model, {"params": state.params, "norm": state.norm}, meta["classes"], meta)
+
+
+def predict_logits(run: RestoredRun, feats: RaggedFeatures, batch_size: int | None = None) -> np.ndarray:
+    """Logits of the whole network (images in) for every clip of `feats`."""
+    cfg, mesh = run.cfg, make_mesh()
+    fn = jax.jit(lambda v, x: run.model.apply(v, imagelib.preprocess(imagelib.decode(x), cfg.preprocess)))
+    out = np.zeros((len(feats), len(run.classes)), np.float32)
+    for idx, mask in batches(len(feats), batch_size or cfg.batch_size, mesh.size, None):
+        logits = np.asarray(fn(run.variables, global_batch(mesh, {"x": image_batch(feats, idx, cfg)})["x"]))
+        out[idx[mask > 0]] = logits[mask > 0]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # CLI
 
 

@@ -1,0 +1,57 @@
+"""Top-k labels of audio files from a trained run.
+
+    python -m jaxtl.predict RUN_DIR FILE... [--top-k 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from jaxtl.audio import BadAudio, file_features
+from jaxtl.checkpoint import CheckpointError
+from jaxtl.images import RaggedFeatures
+from jaxtl.train import predict_logits, restore_run
+
+
+def predict(run_dir: str, files: list[str], top_k: int = 3, which: str = "best") -> list[dict]:
+    run = restore_run(run_dir, which)
+    feats, errors = file_features(files, run.cfg.features())
+    if errors:
+        raise errors[0]
+    logits = predict_logits(run, RaggedFeatures.from_list(feats))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = []
+    for f, p in zip(files, probs):
+        top = np.argsort(-p)[:top_k]
+        out.append({"file": f, "top": [{"label": run.classes[i], "probability": float(p[i])} for i in top]})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxtl.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        result = predict(args.run_dir, args.files, args.top_k, args.checkpoint)
+    except (CheckpointError, BadAudio) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"predictions": result}))
+        return 0
+    for r in result:
+        print(r["file"] + ": " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtl import train as T
+from jaxtl.data import synthetic
+from jaxtl.evaluate import evaluate
+from jaxtl.model import CONV_NAMES, N_CONV
+from jaxtl.predict import predict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return synthetic(tmp_path_factory.mktemp("synthetic"), clips_per_class=10)
+
+
+@pytest.fixture
+def cfg(data_dir, tmp_path):
+    return T.TrainConfig(data=str(data_dir), image_size=32, epochs=3, batch_size=8, weights="random",
+                         normalize=True, out=str(tmp_path / "run"), cache_dir=str(data_dir.parent / "cache"),
+                         workers=1, progress=False, patience=0)
+
+
+def quiet(*_):
+    pass
+
+
+def _losses(run_dir):
+    return [json.loads(line)["train_loss"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _leaves_changed(a, b):
+    return jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != np.asarray(y))), a, b)
+
+
+@pytest.mark.parametrize("mode,k", [("frozen", 13), ("finetune", 10), ("finetune-1", 12), ("scratch", 0)])
+def test_each_mode_trains_exactly_its_set(cfg, mode, k):
+    cfg = dataclasses.replace(cfg, mode=mode.split("-")[0], finetune_convs=1 if mode.endswith("-1") else 3,
+                              lr=1e-2, base_lr=1e-2, weights=None if mode == "scratch" else "random")
+    assert cfg.stages()[0][0] == k
+    model = cfg.model(3)
+    params, norm = T.init_params(model, cfg, (1, 32, 32, 3), None)
+    labels = T.param_labels(params, k)
+    tx = T.make_optimizer(cfg, labels, cfg.base_lr)
+    state = T.create_train_state(params, norm, tx)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
+    for cached in (False, True):
+        inp = x if not cached else model.apply({"params": params}, x, stop=k, method=T.Classifier.features)
+        batch = {"x": inp, "y": jnp.array([0, 1, 2, 0]), "mask": jnp.ones(4)}
+        step = jax.jit(lambda s, b: T.train_step(s, b, jax.random.PRNGKey(1), model=model, cfg=cfg, tx=tx,
+                                                 labels=labels, k=k, cached=cached))
+        new, _ = step(state, batch)
+        changed = _leaves_changed(state.params, new.params)
+        for i, name in enumerate(CONV_NAMES):
+            want = i >= k
+            assert changed["base"][name]["kernel"] == want, (mode, name, cached)
+            if not want:  # frozen: bit-identical, the very same values
+                np.testing.assert_array_equal(new.params["base"][name]["kernel"], params["base"][name]["kernel"])
+        assert all(jax.tree.leaves(changed["head"]))
+
+
+def test_frozen_params_bit_identical_after_a_run(cfg):
+    T.run(cfg, log=quiet)
+    run = T.restore_run(cfg.out, "latest")
+    init, _ = T.init_params(cfg.model(4), cfg, (1, 32, 32, 3), None)
+    for name in CONV_NAMES:
+        np.testing.assert_array_equal(run.variables["params"]["base"][name]["kernel"],
+                                      init["base"][name]["kernel"])
+    assert any(jax.tree.leaves(_leaves_changed(init["head"], run.variables["params"]["head"])))
+
+
+def test_cached_prefix_and_in_step_prefix_agree(cfg, tmp_path):
+    T.run(dataclasses.replace(cfg, mode="finetune", out=str(tmp_path / "a")), log=quiet)
+    T.run(dataclasses.replace(cfg, mode="finetune", cache_prefix=False, out=str(tmp_path / "b")), log=quiet)
+    np.testing.assert_allclose(_losses(tmp_path / "a"), _losses(tmp_path / "b"), rtol=1e-4)
+
+
+def test_progressive_runs_both_stages_and_keeps_counting_steps(cfg):
+    cfg = dataclasses.replace(cfg, mode="progressive", epochs=2, finetune_epochs=2)
+    T.run(cfg, log=quiet)
+    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert rows[-1]["step"] == 4 * rows[0]["step"]
+
+
+def test_normalisation_statistics_come_from_the_training_split(cfg):
+    prep = T.prepare(cfg, log=quiet)
+    model = cfg.model(len(prep.classes))
+    params, _ = T.init_params(model, cfg, (1, 32, 32, 3), None)
+    mesh = T.make_mesh()
+    acts = T.compute_prefix(model, params, prep, cfg, N_CONV, mesh, "x")
+    norm = T._fit_norm(model, params, T.Inputs(prep, cfg, acts), prep, cfg, N_CONV, True, mesh)
+    flat = acts.reshape(len(acts), -1)
+    np.testing.assert_allclose(norm["head"]["mean"], flat[prep.train].mean(0), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(norm["head"]["mean"], flat.mean(0))  # not fitted on val or test
+    T.run(cfg, log=quiet)
+    restored = T.restore_run(cfg.out)
+    np.testing.assert_allclose(restored.variables["norm"]["head"]["mean"], flat[prep.train].mean(0), rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_evaluate_and_predict_match_the_in_memory_model(cfg):
+    summary = T.run(cfg, log=quiet)
+    result = evaluate(cfg.out)
+    assert result["n"] == summary["n_test"]
+    assert result["accuracy"] == pytest.approx(summary["test_accuracy"])
+    prep = T.prepare(cfg, log=quiet)
+    files = [prep.paths[i] for i in prep.test]
+    top1 = [r["top"][0]["label"] for r in predict(cfg.out, files)]
+    assert top1 == [result["classes"][p] for p in result["predictions"]]
+    assert Path(cfg.out, "confusion_matrix.png").stat().st_size > 0
+
+
+def test_run_writes_what_users_read(cfg):
+    T.run(cfg, log=quiet)
+    out = Path(cfg.out)
+    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_run"] == 3 and 0 <= summary["test_accuracy"] <= 1
+    assert T.TrainConfig(**json.loads((out / "config.json").read_text())) == cfg
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys
+    from jaxtl import train as T
+    cfg = T.TrainConfig(**json.loads(sys.argv[1]))
+    def die(stage, epoch):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+    T.run(cfg, log=lambda *_: None, on_epoch_end=die)
+""")
+
+
+def test_resume_after_sigkill_continues_with_the_same_losses(cfg, tmp_path):
+    cfg = dataclasses.replace(cfg, epochs=4, dropout=0.3)
+    T.run(dataclasses.replace(cfg, out=str(tmp_path / "whole")), log=quiet)
+    killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(dataclasses.asdict(cfg))],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(_losses(cfg.out)) == 2
+    T.run(dataclasses.replace(cfg, resume=True), log=quiet)
+    np.testing.assert_allclose(_losses(cfg.out), _losses(tmp_path / "whole"), rtol=1e-5)
+
+
+def test_four_devices_match_one(cfg, tmp_path):
+    T.run(cfg, log=quiet)
+    four = dataclasses.replace(cfg, out=str(tmp_path / "four"))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    script = ("import json,sys,jax; from jaxtl import train as T; assert len(jax.devices()) == 4; "
+              "T.run(T.TrainConfig(**json.loads(sys.argv[1])), log=lambda *_: None)")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(dataclasses.asdict(four))], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    np.testing.assert_allclose(_losses(four.out), _losses(cfg.out), rtol=1e-4)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--image-size", "16"], "--image-size must be at least 32"),
+    (["--mode", "scratch", "--weights", "x.h5"], "--mode scratch trains from random init"),
+    (["--test-size", "1.5"], "--test-size must be between 0 and 1"),
+])
+def test_bad_flags_give_one_line_errors(argv, message, capsys, tmp_path):
+    assert T.main(argv + ["--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_unknown_choice_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        T.main(["--mode", "sideways"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_resume_without_a_run_and_rerun_into_a_used_directory(cfg, capsys, tmp_path):
+    assert T.main(["--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "holds no run" in capsys.readouterr().err
+    T.run(dataclasses.replace(cfg, epochs=1), log=quiet)
+    with pytest.raises(T.ConfigError, match="already holds a run"):
+        T.run(cfg, log=quiet)
+
+
+def test_help_documents_every_setting():
+    text = T.build_parser().format_help()
+    for f in dataclasses.fields(T.TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text
+    assert "(default: 10)" in text and "(default: 32)" in text and "(default: 0.001)" in text
