@@ -174,8 +174,8 @@ def _file_features_chunk(args):
 def extract(paths: list[str], cfg: FeatureConfig, workers: int | None = None, progress: bool = True,
             chunk: int = 64) -> tuple[list[np.ndarray | None], list[BadAudio]]:
     """`file_features` over many files, spread over processes (spawned: JAX's threads forbid fork)."""
-    from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     from tqdm.auto import tqdm
 

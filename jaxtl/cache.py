@@ -94,3 +94,57 @@ def cached_features(paths: list[str], cfg: FeatureConfig, cache_dir: str | os.Pa
                 stored[keys[i]] = f
         cache.store(stored)
     return feats, errors, (len(paths) - len(todo), len(todo))
+
+
+def fingerprint(*parts) -> str:
+    """Stable hash of settings and arrays (weights), for cache keys."""
+    h = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+class ActivationCache:
+    """Frozen-prefix activations of a set of clips, one HDF5 file per (weights, split, settings, clips) key.
+
+    Computing VGG16's prefix on every clip is the most expensive thing a frozen run does; keeping it on
+    disk lets a second run (another head, seed or learning rate) skip it entirely.
+    """
+
+    def __init__(self, directory: str | os.PathLike, key: str):
+        self.path = Path(directory) / f"prefix-{key}.h5"
+
+    def load(self) -> np.ndarray | None:
+        try:
+            with h5py.File(self.path, "r") as f:
+                if not f.attrs.get("complete"):
+                    return None
+                acts = f["acts"][:]
+                return acts.view(ml_bfloat16()) if f.attrs.get("bfloat16") else acts
+        except (OSError, KeyError):
+            return None
+
+    def store(self, acts: np.ndarray) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".h5.tmp")
+        os.close(fd)
+        bf16 = acts.dtype == ml_bfloat16()
+        try:
+            with h5py.File(tmp, "w") as f:
+                f["acts"] = acts.view(np.uint16) if bf16 else acts
+                f.attrs["bfloat16"] = bf16
+                f.flush()
+                f.attrs["complete"] = True
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def ml_bfloat16():
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)

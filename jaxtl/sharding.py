@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -27,6 +28,32 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def local_rows(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """This process's contiguous share of each global-batch array (all of it in a one-process run)."""
+    n, i = jax.process_count(), jax.process_index()
+    return tuple(a[i * (len(a) // n):(i + 1) * (len(a) // n)] for a in arrays)
+
+
+def to_host(x) -> np.ndarray:
+    """A batch-sharded global array as one numpy array on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -60,7 +87,19 @@ def prefetch(batches: Iterable, size: int = 2) -> Iterator:
 
 
 def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Join a multi-process run when flags or the usual environment variables ask for one."""
-    if coordinator or num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+    """Join a multi-process run when flags or the usual environment variables ask for one.
+
+    On CPU the processes talk through gloo; on GPU/TPU through the platform's own collectives.
+    """
+    if not (coordinator or num_processes or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    if jax.config.jax_platforms in (None, "", "cpu") and not _has_accelerator():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def _has_accelerator() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                                                  "libtpu"))

@@ -17,9 +17,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
@@ -29,12 +30,22 @@ import optax
 
 from jaxtl import images as imagelib
 from jaxtl.audio import REPRESENTATIONS, BadAudio, FeatureConfig
-from jaxtl.cache import cached_features
+from jaxtl.cache import ActivationCache, cached_features, file_key, fingerprint
 from jaxtl.checkpoint import CheckpointError, Checkpoints
 from jaxtl.data import LAYOUTS, SPLITS, DataError, discover, fetch_fsdd, split_indices, subset, synthetic
 from jaxtl.images import RaggedFeatures
 from jaxtl.model import CONV_NAMES, N_CONV, Classifier, output_shape
-from jaxtl.sharding import global_batch, make_mesh, prefetch, replicate
+from jaxtl.sharding import (
+    barrier,
+    global_batch,
+    initialize_distributed,
+    is_main_process,
+    local_rows,
+    make_mesh,
+    prefetch,
+    replicate,
+    to_host,
+)
 from jaxtl.weights import WeightsError, resolve_weights
 
 MODES = ("frozen", "finetune", "progressive", "scratch")
@@ -113,6 +124,10 @@ class TrainConfig:
     workers: int | None = _f(None, "feature extraction processes (default: all cores)")
     keep_checkpoints: int = _f(2, "latest checkpoints kept")
     progress: bool = _f(True, "progress bars")
+    # several cooperating processes (hosts); default: the usual environment variables, else one process
+    coordinator: str | None = _f(None, "multi-process: coordinator address host:port")
+    num_processes: int | None = _f(None, "multi-process: number of processes")
+    process_id: int | None = _f(None, "multi-process: this process's id")
 
     def validate(self) -> TrainConfig:
         for f in dataclasses.fields(self):
@@ -309,8 +324,12 @@ def prepare(cfg: TrainConfig, log: Callable = print) -> Prepared:
     bad = list(ds.bad)
     if bad and cfg.on_bad_file == "error":
         raise DataError(f"{bad[0]} (use --on-bad-file skip to go on without it)")
+    if not is_main_process():  # process 0 fills the feature cache, the others read it
+        barrier("features")
     feats, errors, (hits, misses) = cached_features(paths, cfg.features(), cfg.cache_dir or None, cfg.workers,
-                                                    cfg.progress)
+                                                    cfg.progress and is_main_process())
+    if is_main_process():
+        barrier("features")
     log(f"features: {len(paths)} clips ({hits} from cache, {misses} computed) from {source} [{ds.layout}]")
     if errors and cfg.on_bad_file == "error":
         raise DataError(f"{errors[0]} (use --on-bad-file skip to go on without it)")
@@ -375,15 +394,35 @@ def compute_prefix(model, params, prep: Prepared, cfg: TrainConfig, k: int, mesh
     h, w, c = output_shape(cfg.image_size, cfg.image_size, 0, k)
     out = np.zeros((n, h, w, c), DTYPES[cfg.dtype])
     size = cfg.batch_size * 2
-    batch_iter = ((idx, mask, image_batch(prep.feats, idx, cfg)) for idx, mask in
+    batch_iter = ((idx, mask, image_batch(prep.feats, local_rows(idx)[0], cfg)) for idx, mask in
                   batches(n, size, mesh.size, None))
-    with tqdm(total=n, desc=desc, unit="clip", disable=not cfg.progress, leave=False) as bar:
-        for idx, mask, x in prefetch(batch_iter):
-            acts = np.asarray(run(params, global_batch(mesh, {"x": x})["x"]))
+    with tqdm(total=n, desc=desc, unit="clip", disable=not cfg.progress or not is_main_process(), leave=False) as bar:
+        for idx, mask, x in prefetch(batch_iter):  # each process computes its rows; all receive every row
+            acts = to_host(run(params, global_batch(mesh, {"x": x})["x"]))
             real = mask > 0
             out[idx[real]] = acts[real]
             bar.update(int(real.sum()))
     return out
+
+
+def prefix_activations(model, params, prep: Prepared, cfg: TrainConfig, k: int, mesh, log: Callable) -> np.ndarray:
+    """`compute_prefix`, kept on disk keyed by the prefix weights, settings and clips, so reruns skip it."""
+    if not cfg.cache_dir:
+        return compute_prefix(model, params, prep, cfg, k, mesh, "frozen prefix")
+    weights = [np.asarray(leaf) for name in CONV_NAMES[:k] for leaf in jax.tree.leaves(params["base"][name])]
+    key = fingerprint(cfg.features().key(), cfg.image_size, cfg.fit, cfg.preprocess, cfg.dtype, k,
+                      [file_key(p) for p in prep.paths], *weights)
+    store = ActivationCache(cfg.cache_dir, key)
+    acts = store.load()
+    if acts is not None and len(acts) == len(prep.paths):
+        log(f"frozen prefix: {len(acts)} clips from {store.path}")
+        return acts
+    t = time.perf_counter()
+    acts = compute_prefix(model, params, prep, cfg, k, mesh, "frozen prefix")
+    secs = time.perf_counter() - t
+    log(f"frozen prefix: {len(acts)} clips in {secs:.1f}s ({len(acts) / secs:.1f} clips/s), kept in {store.path}")
+    store.store(acts)
+    return acts
 
 
 def run_epoch(step_fn, state, inputs: Inputs, clip_ids, y, cfg, mesh, rng, desc, train: bool):
@@ -392,22 +431,29 @@ def run_epoch(step_fn, state, inputs: Inputs, clip_ids, y, cfg, mesh, rng, desc,
 
     t0 = time.perf_counter()
     order_rng = np.random.default_rng(rng) if train else None
-    host = ((idx, mask, inputs(clip_ids[idx])) for idx, mask in batches(len(clip_ids), cfg.batch_size,
-                                                                       mesh.size, order_rng))
-    totals = jnp.zeros(3)
+    host = ((idx, mask, inputs(clip_ids[local_rows(idx)[0]])) for idx, mask in
+            batches(len(clip_ids), cfg.batch_size, mesh.size, order_rng))
+    totals, first_bad = jnp.zeros(3), jnp.asarray(-1)
     n_batches = -(-len(clip_ids) // cfg.batch_size)
-    with tqdm(total=n_batches, desc=desc, unit="batch", disable=not cfg.progress, leave=False) as bar:
+    show = cfg.progress and is_main_process()
+    with tqdm(total=n_batches, desc=desc, unit="batch", disable=not show, leave=False) as bar:
         for i, (idx, mask, x) in enumerate(prefetch(host)):
+            idx, mask = local_rows(idx, mask)
             batch = global_batch(mesh, {"x": x, "y": y[clip_ids[idx]].astype(np.int32), "mask": mask})
             if train:
                 state, metrics = step_fn(state, batch)
+                bad = ~jnp.isfinite(metrics[0]) & (first_bad < 0)
+                first_bad = jnp.where(bad, state.step, first_bad)  # stays on device: no sync per step
             else:
                 metrics, _ = step_fn(state, batch)
             totals = totals + metrics
             bar.update(1)
-            if cfg.progress and (i % 10 == 0 or i == n_batches - 1):
+            if show and (i % 10 == 0 or i == n_batches - 1):
                 t = np.asarray(totals)
                 bar.set_postfix(loss=f"{t[0] / max(t[2], 1):.4f}", acc=f"{t[1] / max(t[2], 1):.3f}")
+    if int(first_bad) >= 0:
+        raise FloatingPointError(f"training diverged: non-finite loss at step {int(first_bad)} ({desc}); "
+                                 f"stopped before saving it, the last good checkpoint stays in place")
     t = np.asarray(totals)
     return state, (float(t[0] / max(t[2], 1)), float(t[1] / max(t[2], 1)), int(t[2]), time.perf_counter() - t0)
 
@@ -459,11 +505,35 @@ def resolve_run_weights(cfg: TrainConfig, log: Callable) -> tuple[dict | None, s
         return None, "random init (ImageNet weights unavailable)"
 
 
-def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None = None) -> dict:
-    """Train as `cfg` says; returns the summary (also written to OUT/summary.json)."""
+@dataclass
+class Plateau:
+    """Early stopping and reduce-on-plateau counters, both on the monitored (validation) loss."""
+
+    best: float = float("inf")
+    bad: int = 0
+    plateau_bad: int = 0
+
+    def update(self, loss: float, cfg: TrainConfig) -> tuple[bool, bool]:
+        """(improved, cut the learning rate) after an epoch with this loss."""
+        if loss < self.best - 1e-7:
+            self.best, self.bad, self.plateau_bad = loss, 0, 0
+            return True, False
+        self.bad += 1
+        self.plateau_bad += 1
+        cut = bool(cfg.plateau_patience) and self.plateau_bad >= cfg.plateau_patience
+        if cut:
+            self.plateau_bad = 0
+        return False, cut
+
+    def stop(self, cfg: TrainConfig) -> bool:
+        return bool(cfg.patience) and self.bad >= cfg.patience
+
+
+def _open_run(cfg: TrainConfig) -> TrainConfig:
+    """Validate, and on --resume take the run's own saved config (epochs may be extended)."""
     cfg.validate()
     out = Path(cfg.out)
-    if out.exists() and (out / "checkpoints").exists() and not cfg.resume:
+    if (out / "checkpoints").exists() and not cfg.resume:
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
     if cfg.resume:
         if not (out / "config.json").exists():
@@ -471,70 +541,71 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
         saved = TrainConfig(**json.loads((out / "config.json").read_text()))
         cfg = dataclasses.replace(saved, resume=True, progress=cfg.progress, epochs=cfg.epochs,
                                   finetune_epochs=cfg.finetune_epochs)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    return cfg
 
+
+def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None = None) -> dict:
+    """Train as `cfg` says; returns the summary (also written to OUT/summary.json)."""
+    log = log if is_main_process() else (lambda *_: None)
+    cfg = _open_run(cfg)
+    out, main_process = Path(cfg.out), is_main_process()
     t_start = time.perf_counter()
     prep = prepare(cfg, log)
-    if prep.skipped:
-        report = "".join(f"{e.path}\t{e.reason}\n" for e in prep.skipped)
-        (out / "skipped.tsv").write_text(report)
+    if prep.skipped and main_process:
+        (out / "skipped.tsv").write_text("".join(f"{e.path}\t{e.reason}\n" for e in prep.skipped))
     base_vars, weights_source = resolve_run_weights(cfg, log)
     log(f"weights: {weights_source}")
     mesh = make_mesh()
     model = cfg.model(len(prep.classes))
-    s = cfg.image_size
-    params, norm = init_params(model, cfg, (1, s, s, 3), base_vars)
+    params, norm = init_params(model, cfg, (1, cfg.image_size, cfg.image_size, 3), base_vars)
     stages = cfg.stages()
     k_min = min(k for k, _, _ in stages)
     cached = cfg.cache_prefix and not cfg.augments and k_min > 0
-    acts_min = compute_prefix(model, params, prep, cfg, k_min, mesh, "frozen prefix") if cached else None
+    acts_min = prefix_activations(model, params, prep, cfg, k_min, mesh, log) if cached else None
     log(f"data: {len(prep.train)} train / {len(prep.val)} val / {len(prep.test)} test clips, "
-        f"{len(prep.classes)} classes; mode {cfg.mode}; prefix {'cached' if cached else 'in the step'}")
+        f"{len(prep.classes)} classes; mode {cfg.mode}; prefix {'cached' if cached else 'in the step'}; "
+        f"{mesh.size} device(s), {jax.process_count()} process(es)")
+
+    def inputs_at(k: int) -> Inputs:  # a later split's input is one cheap suffix pass over the cached one
+        acts = acts_min if not cached or k == k_min else _advance(model, params, acts_min, k_min, k, cfg)
+        return Inputs(prep, cfg, acts)
 
     ckpt = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     meta_base = {"classes": prep.classes, "config": dataclasses.asdict(cfg), "weights": weights_source}
-    start_stage, start_epoch, counters = 0, 0, {"best_val": float("inf"), "bad": 0, "plateau_bad": 0}
-    restored = None
-    if cfg.resume and ckpt.steps():
+    start_stage, start_epoch, plateau = 0, 0, Plateau()
+    resumed = cfg.resume and bool(ckpt.steps())
+    if resumed:
         meta = ckpt.meta()
-        start_stage, start_epoch = meta["stage"], meta["epoch"] + 1
-        counters = meta["counters"]
-        restored = meta
+        start_stage, start_epoch, plateau = meta["stage"], meta["epoch"] + 1, Plateau(**meta["counters"])
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
-        if restored and (out / "metrics.jsonl").exists() else []
-    history = [h for h in history if (h["stage"], h["epoch"]) <= (start_stage, start_epoch - 1)]
+        if resumed and (out / "metrics.jsonl").exists() else []
+    history = [h for h in history if (h["stage"], h["epoch"]) < (start_stage, start_epoch)]
     rng = jax.random.PRNGKey(cfg.seed)
     state, steps_done = None, 0
     for stage, (k, epochs, base_lr) in enumerate(stages):
         if stage < start_stage:
             continue
-        acts = acts_min
-        if cached and k > k_min:  # the later split's input is one cheap suffix pass over the cached one
-            acts = _advance(model, params, acts_min, k_min, k, cfg)
-        inputs = Inputs(prep, cfg, acts)
+        inputs = inputs_at(k)
         labels = param_labels(params, k)
         tx = make_optimizer(cfg, labels, base_lr)
-        if cfg.normalize and stage == 0 and restored is None:
+        if cfg.normalize and stage == 0 and not resumed:
             norm = _fit_norm(model, params, inputs, prep, cfg, k, cached, mesh)
-        state = create_train_state(params, norm, tx)
-        state = replicate(mesh, state.replace(step=jnp.asarray(steps_done, jnp.int32)))
-        if restored is not None and stage == start_stage:
-            state, _ = ckpt.restore(state)
-            state = replicate(mesh, state)
-            restored = None
+        state = create_train_state(params, norm, tx).replace(step=jnp.asarray(steps_done, jnp.int32))
+        best_params = None
+        if resumed and stage == start_stage:
+            state = ckpt.restore(state)[0]
+            if ckpt.steps("best") and ckpt.meta("best")["stage"] == stage:
+                best_params = ckpt.restore(state, "best")[0].params
+        state = replicate(mesh, state)
+        best_params = best_params if best_params is not None else state.params
         step_fn = jax.jit(functools.partial(train_step, rng=rng, model=model, cfg=cfg, tx=tx, labels=labels,
                                             k=k, cached=cached))
         eval_fn = jax.jit(functools.partial(eval_step, model=model, cfg=cfg, k=k, cached=cached))
-        best_params = state.params
-        if stage == start_stage and start_epoch > 0 and ckpt.steps("best"):
-            best_meta = ckpt.meta("best")
-            if best_meta["stage"] == stage:
-                best_params = ckpt.restore(state, "best")[0].params
-        first = start_epoch if stage == start_stage else 0
-        if cfg.patience and counters["bad"] >= cfg.patience:  # resumed after early stopping: stage is done
-            first = epochs
-        for epoch in range(first, epochs):
+        first = start_epoch if (resumed and stage == start_stage) else 0
+        for epoch in range(first, epochs if not plateau.stop(cfg) else first):
             state, (tr_loss, tr_acc, n, secs) = run_epoch(
                 step_fn, state, inputs, prep.train, prep.y, cfg, mesh, [cfg.seed, stage, epoch],
                 f"stage {stage + 1} epoch {epoch + 1}/{epochs}", train=True)
@@ -542,61 +613,49 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
             if len(prep.val):
                 _, (val_loss, val_acc, _, _) = run_epoch(eval_fn, state, inputs, prep.val, prep.y, cfg, mesh,
                                                          None, "validation", train=False)
-            monitored = val_loss if val_loss is not None else tr_loss
-            if not np.isfinite(tr_loss):
-                raise FloatingPointError(f"training diverged: loss {tr_loss} in stage {stage + 1} epoch "
-                                         f"{epoch + 1} (step {int(state.step)}); the last good checkpoint "
-                                         f"is in {out / 'checkpoints'}")
-            improved = monitored < counters["best_val"] - 1e-7
+            improved, cut = plateau.update(val_loss if val_loss is not None else tr_loss, cfg)
             if improved:
-                counters = {"best_val": monitored, "bad": 0, "plateau_bad": 0}
                 best_params = state.params
-            else:
-                counters["bad"] += 1
-                counters["plateau_bad"] += 1
-                if cfg.plateau_patience and counters["plateau_bad"] >= cfg.plateau_patience:
-                    state = state.replace(lr_scale=state.lr_scale * cfg.plateau_factor)
-                    counters["plateau_bad"] = 0
+            if cut:
+                state = state.replace(lr_scale=state.lr_scale * cfg.plateau_factor)
             row = {"stage": stage, "epoch": epoch, "step": int(state.step), "train_loss": tr_loss,
                    "train_acc": tr_acc, "val_loss": val_loss, "val_acc": val_acc,
                    "lr": cfg.lr * float(state.lr_scale), "seconds": secs, "images_per_s": n / secs}
             history.append(row)
-            _write_jsonl(out / "metrics.jsonl", history)
+            if main_process:
+                _write_jsonl(out / "metrics.jsonl", history)
             log(f"stage {stage + 1} epoch {epoch + 1}/{epochs}: loss {tr_loss:.4f} acc {tr_acc:.3f}"
                 + (f" | val loss {val_loss:.4f} acc {val_acc:.3f}" if val_loss is not None else "")
                 + f" | {secs:.2f}s, {n / secs:.0f} clips/s")
-            meta = {**meta_base, "stage": stage, "epoch": epoch, "counters": counters}
+            meta = {**meta_base, "stage": stage, "epoch": epoch, "counters": dataclasses.asdict(plateau)}
             ckpt.save(int(state.step), state, meta, best=improved)
             if on_epoch_end:
                 on_epoch_end(stage, epoch)
-            if cfg.patience and counters["bad"] >= cfg.patience:
+            if plateau.stop(cfg):
                 log(f"early stopping: no validation improvement for {cfg.patience} epochs")
                 break
         state = state.replace(params=best_params)
-        params, norm, steps_done = state.params, state.norm, int(state.step)
-        counters = {"best_val": float("inf"), "bad": 0, "plateau_bad": 0}
+        params, norm, steps_done, plateau = state.params, state.norm, int(state.step), Plateau()
     ckpt.close()
 
     test_loss = test_acc = None
     if state is not None and len(prep.test):
         eval_fn = jax.jit(functools.partial(eval_step, model=model, cfg=cfg, k=stages[-1][0], cached=cached))
-        acts = acts_min if not cached or stages[-1][0] == k_min else _advance(model, params, acts_min, k_min,
-                                                                              stages[-1][0], cfg)
-        _, (test_loss, test_acc, _, _) = run_epoch(eval_fn, state, Inputs(prep, cfg, acts), prep.test, prep.y,
+        _, (test_loss, test_acc, _, _) = run_epoch(eval_fn, state, inputs_at(stages[-1][0]), prep.test, prep.y,
                                                    cfg, mesh, None, "test", train=False)
-    train_rows = [h for h in history]
     summary = {
         "test_accuracy": test_acc, "test_loss": test_loss, "n_test": len(prep.test), "n_train": len(prep.train),
         "n_val": len(prep.val), "classes": prep.classes, "weights": weights_source, "data": prep.data_source,
-        "mode": cfg.mode, "epochs_run": len(train_rows), "wall_seconds": time.perf_counter() - t_start,
-        "seconds_per_epoch": float(np.mean([h["seconds"] for h in train_rows])) if train_rows else None,
-        "train_images_per_s": float(np.mean([h["images_per_s"] for h in train_rows])) if train_rows else None,
+        "mode": cfg.mode, "epochs_run": len(history), "wall_seconds": time.perf_counter() - t_start,
+        "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])) if history else None,
+        "train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else None,
         "skipped_files": [str(e) for e in prep.skipped], "device": str(jax.devices()[0].platform),
-        "n_devices": len(jax.devices()),
+        "n_devices": len(jax.devices()), "n_processes": jax.process_count(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if history:
-        _plot_curves(history, out / "curves.png")
+    if main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if history:
+            _plot_curves(history, out / "curves.png")
     if prep.skipped:
         log(f"skipped {len(prep.skipped)} file(s) (listed in {out / 'skipped.tsv'}):")
         for e in prep.skipped:
@@ -698,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = TrainConfig(**vars(args))
     try:
+        initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
         run(cfg)
     except (ConfigError, DataError, WeightsError, CheckpointError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,8 +2,8 @@ import librosa
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import write_tone
 
+from conftest import write_tone
 from jaxtl.audio import BadAudio, FeatureConfig, extract, features_batch, file_features, load_audio
 
 

@@ -3,8 +3,8 @@ import os
 import h5py
 import numpy as np
 import pytest
-from conftest import write_tone
 
+from conftest import write_tone
 from jaxtl import cache as cachelib
 from jaxtl.audio import FeatureConfig
 from jaxtl.cache import FeatureCache, cached_features

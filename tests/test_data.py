@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-from conftest import write_tone
 
+from conftest import write_tone
 from jaxtl.data import DataError, detect_layout, discover, split_indices, subset, synthetic
 
 

@@ -2,8 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_l2
 
+from conftest import rel_l2
 from jaxtl.model import BLOCK_END, CONV_NAMES, Classifier, Head, VGG16Base, block_split, output_shape
 
 

@@ -197,3 +197,83 @@ def test_help_documents_every_setting():
     for f in dataclasses.fields(T.TrainConfig):
         assert "--" + f.name.replace("_", "-") in text
     assert "(default: 10)" in text and "(default: 32)" in text and "(default: 0.001)" in text
+
+
+KILL_MID_SAVE = textwrap.dedent("""
+    import json, os, signal, sys
+    from orbax.checkpoint._src.path import atomicity
+    from jaxtl import train as T
+    cfg = T.TrainConfig(**json.loads(sys.argv[1]))
+    real, calls = atomicity.AtomicRenameTemporaryPath.finalize, []
+    async def finalize(self, *a, **k):
+        if self.get_final().parent.name == "latest":
+            calls.append(1)
+        if len(calls) == 2:  # epoch 2's save to `latest`: data written, not yet renamed into place
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await real(self, *a, **k)
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    T.run(cfg, log=lambda *_: None)
+""")
+
+
+def test_sigkill_mid_checkpoint_save_resumes_from_the_previous_one(cfg, tmp_path):
+    cfg = dataclasses.replace(cfg, epochs=3, patience=0)
+    T.run(dataclasses.replace(cfg, out=str(tmp_path / "whole")), log=quiet)
+    killed = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, json.dumps(dataclasses.asdict(cfg))],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ckpt = T.Checkpoints(Path(cfg.out) / "checkpoints")
+    first_step = ckpt.steps()[0]
+    assert ckpt.steps() == [first_step]  # the half-written save does not count
+    T.run(dataclasses.replace(cfg, resume=True), log=quiet)
+    np.testing.assert_allclose(_losses(cfg.out), _losses(tmp_path / "whole"), rtol=1e-5)
+    whole, resumed = T.restore_run(tmp_path / "whole", "latest"), T.restore_run(cfg.out, "latest")
+    assert whole.meta["epoch"] == resumed.meta["epoch"] == 2
+    for a, b in zip(jax.tree.leaves(whole.variables), jax.tree.leaves(resumed.variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(cfg, capsys):
+    T.run(dataclasses.replace(cfg, epochs=1), log=quiet)
+    steps_before = T.Checkpoints(Path(cfg.out) / "checkpoints").steps()
+    bad = ["--out", cfg.out, "--resume", "--epochs", "3"]
+    saved = json.loads(Path(cfg.out, "config.json").read_text())
+    Path(cfg.out, "config.json").write_text(json.dumps({**saved, "lr": 1e30}))
+    assert T.main(bad + ["--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged: non-finite loss at step" in err and "\n" not in err.strip()
+    assert T.Checkpoints(Path(cfg.out) / "checkpoints").steps() == steps_before
+
+
+TWO_PROCESSES = textwrap.dedent("""
+    import json, sys
+    from jaxtl import train as T
+    sys.exit(T.main(json.loads(sys.argv[1])))
+""")
+
+
+def test_two_processes_follow_the_one_process_trajectory(cfg, tmp_path):
+    import socket
+
+    T.run(cfg, log=quiet)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "two")
+    base = ["--data", cfg.data, "--image-size", "32", "--epochs", "3", "--batch-size", "8", "--weights", "random",
+            "--normalize", "--out", out, "--cache-dir", cfg.cache_dir, "--workers", "1", "--no-progress",
+            "--patience", "0", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, json.dumps(base + ["--process-id", str(i)])],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 device(s), 2 process(es)" in outputs[0]
+    np.testing.assert_allclose(_losses(out), _losses(cfg.out), rtol=1e-4)
+    assert T.restore_run(out, "latest").meta["epoch"] == 2

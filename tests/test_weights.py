@@ -3,11 +3,10 @@ import os
 import h5py
 import numpy as np
 import pytest
-from conftest import rel_l2
 
+from conftest import rel_l2
 from jaxtl.model import CONV_NAMES, VGG16Base
-from jaxtl.weights import (WeightsError, fetch, load_vgg16_weights, main, read_weight_file, resolve_weights,
-                           save_npz)
+from jaxtl.weights import WeightsError, fetch, load_vgg16_weights, main, read_weight_file, resolve_weights, save_npz
 
 keras = pytest.importorskip("keras")
 

@@ -1,0 +1,161 @@
+"""Train-step time of every mode, jaxtl against peers on the same batch, image size and trainable set.
+
+    python benchmarks/step_time.py [--batch 32] [--size 224] [--dtype float32|bfloat16] [--steps 20]
+                                   [--modes ...] [--peers keras-tf,keras-jax,torch] [--out DIR]
+
+For each mode: compile time, median step time over `--steps` timed steps after warm-up (each step
+synchronised with `block_until_ready`), images/s, and achieved FLOP/s from XLA's cost analysis set
+against a ceiling measured on the same device (a large matrix product).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, write_results  # noqa: E402
+
+from jaxtl import train as T  # noqa: E402
+from jaxtl.model import Classifier, output_shape  # noqa: E402
+
+# name: (split k, prefix cached?)
+MODES = {
+    "frozen-cached": (13, True),
+    "frozen-instep": (13, False),
+    "finetune-cached": (10, True),
+    "finetune-instep": (10, False),
+    "full": (0, False),
+}
+PEER_MODES = {"frozen-instep": "frozen", "finetune-instep": "finetune", "full": "full"}
+
+
+def _flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _median_time(fn, args, steps: int, warmup: int = 2) -> float:
+    out = None
+    for _ in range(warmup):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def matmul_ceiling(dtype: str, steps: int = 10) -> float:
+    n = 8192 if jax.devices()[0].platform != "cpu" else 2048
+    dt = T.DTYPES[dtype]
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
+    f = jax.jit(lambda x: x @ x)
+    return 2 * n**3 / _median_time(f, (a,), steps)
+
+
+def time_mode(name: str, batch: int, size: int, dtype: str, steps: int, classes: int = 10) -> dict:
+    k, cached = MODES[name]
+    cfg = T.TrainConfig(image_size=size, batch_size=batch, dtype=dtype, mode="scratch" if k == 0 else "finetune",
+                        weights=None if k == 0 else "random", progress=False)
+    model = cfg.model(classes)
+    params, norm = T.init_params(model, cfg, (1, size, size, 3), None)
+    labels = T.param_labels(params, k)
+    tx = T.make_optimizer(cfg, labels, cfg.base_lr)
+    state = T.create_train_state(params, norm, tx)
+    rng = np.random.default_rng(0)
+    shape = (batch,) + (output_shape(size, size, 0, k) if cached else (size, size, 3))
+    x = jnp.asarray(rng.uniform(0, 1, shape), T.DTYPES[dtype] if cached else jnp.float32)
+    b = {"x": x, "y": jnp.asarray(rng.integers(0, classes, batch), jnp.int32), "mask": jnp.ones(batch)}
+    step = jax.jit(functools.partial(T.train_step, rng=jax.random.PRNGKey(0), model=model, cfg=cfg, tx=tx,
+                                     labels=labels, k=k, cached=cached))
+    t = time.perf_counter()
+    compiled = step.lower(state, b).compile()
+    compile_s = time.perf_counter() - t
+    seconds = _median_time(lambda s, bb: compiled(s, bb)[1], (state, b), steps)
+    flops = _flops(compiled)
+    return {"mode": name, "k": k, "cached": cached, "compile_s": compile_s, "step_s": seconds,
+            "images_per_s": batch / seconds, "flops_per_step": flops,
+            "flops_per_s": flops / seconds if flops else None}
+
+
+def run_peer(peer: str, mode: str, batch: int, size: int, steps: int, python: str) -> dict:
+    script = Path(__file__).parent / "peers" / ("keras_recipe.py" if peer.startswith("keras") else "torch_vgg.py")
+    env = dict(os.environ)
+    if peer.startswith("keras"):
+        env["KERAS_BACKEND"] = {"keras-tf": "tensorflow", "keras-jax": "jax"}[peer]
+    cmd = [python, str(script), "--mode", mode, "--batch", str(batch), "--size", str(size), "--steps", str(steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode != 0:
+        lines = (proc.stderr.strip() or proc.stdout.strip() or "failed").splitlines()
+        return {"skipped": lines[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--dtype", default="float32", choices=tuple(T.DTYPES))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--peers", default="keras-tf,keras-jax,torch",
+                    help="comma list; each runs in its own process, skipped with a reason when not installed")
+    ap.add_argument("--peer-python", default=None, help="interpreter of the peers (default: .venv-peers, else this)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    peer_python = args.peer_python or next(
+        (p for p in (".venv-peers/bin/python",) if Path(p).exists()), sys.executable)
+    ceiling = matmul_ceiling(args.dtype)
+    rows = []
+    for name in args.modes.split(","):
+        r = time_mode(name, args.batch, args.size, args.dtype, args.steps)
+        r["fraction_of_ceiling"] = r["flops_per_s"] / ceiling if r["flops_per_s"] else None
+        for peer in filter(None, args.peers.split(",")):
+            if name in PEER_MODES:
+                p = run_peer(peer, PEER_MODES[name], args.batch, args.size, args.steps,
+                             peer_python if peer != "keras-jax" else sys.executable)
+                r[peer] = p
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    m = machine()
+    peers = [p for p in args.peers.split(",") if p]
+    head = "| mode | compile s | step ms | images/s | GFLOP/step | TFLOP/s | % of ceiling |" + "".join(
+        f" {p} step ms | jaxtl speed-up vs {p} |" for p in peers)
+    lines = [f"Step time, batch {args.batch}, {args.size}x{args.size}, {args.dtype}; {m['device']} "
+             f"({m['cpu']}, {m['cores']} cores); jax {m['jax']}; matmul ceiling {ceiling / 1e12:.3f} TFLOP/s\n",
+             head, "|" + " --- |" * (7 + 2 * len(peers))]
+    for r in rows:
+        cells = [r["mode"], f"{r['compile_s']:.1f}", f"{r['step_s'] * 1e3:.1f}", f"{r['images_per_s']:.1f}",
+                 f"{(r['flops_per_step'] or 0) / 1e9:.1f}", f"{(r['flops_per_s'] or 0) / 1e12:.3f}",
+                 f"{100 * (r['fraction_of_ceiling'] or 0):.0f}"]
+        for p in peers:
+            peer = r.get(p)
+            if not peer:
+                cells += ["-", "-"]
+            elif "skipped" in peer:
+                cells += [f"skipped: {peer['skipped'][:60]}", "-"]
+            else:
+                cells += [f"{peer['step_s'] * 1e3:.1f}", f"{peer['step_s'] / r['step_s']:.1f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    write_results(f"step_time-b{args.batch}-s{args.size}-{args.dtype}",
+                  {"args": vars(args), "machine": m, "ceiling_flops_per_s": ceiling, "rows": rows},
+                  "\n".join(lines) + "\n", args.out)
+
+
+if __name__ == "__main__":
+    main()

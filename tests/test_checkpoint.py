@@ -1,0 +1,57 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxtl.checkpoint import CheckpointError, Checkpoints
+
+
+def _state(value):
+    params = {"frozen": jnp.full(3, value), "head": jnp.full(2, value)}
+    labels = {"frozen": "frozen", "head": "head"}
+    tx = optax.multi_transform({"frozen": optax.set_to_zero(), "head": optax.adam(1e-3)}, labels)
+    opt_state = tx.init(params)
+    grads = {"frozen": jnp.zeros(3), "head": jnp.full(2, value)}
+    _, opt_state = tx.update(grads, opt_state, params)
+    return {"params": params, "opt_state": opt_state, "step": jnp.asarray(int(value))}
+
+
+def test_masked_optimizer_state_round_trips(tmp_path):
+    ckpt = Checkpoints(tmp_path / "c")
+    state = _state(3.0)
+    ckpt.save(3, state, {"epoch": 1, "classes": ["a", "b"]}, best=True)
+    restored, meta = ckpt.restore(_state(0.0))
+    assert meta == {"epoch": 1, "classes": ["a", "b"]}
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    adam = restored["opt_state"].inner_states["head"].inner_state[0]
+    assert isinstance(adam.mu["frozen"], optax.MaskedNode)  # frozen params hold no optimizer state
+
+
+def test_keeps_latest_n_and_the_best(tmp_path):
+    ckpt = Checkpoints(tmp_path / "c", keep=2)
+    for step, best in ((1, True), (2, False), (3, False)):
+        ckpt.save(step, _state(float(step)), {"epoch": step}, best=best)
+    assert ckpt.steps() == [2, 3] and ckpt.steps("best") == [1]
+    state, meta = ckpt.restore(_state(0.0), "best")
+    assert meta["epoch"] == 1 and float(state["params"]["head"][0]) == 1.0
+
+
+def test_half_written_save_is_ignored_and_corrupt_one_falls_back(tmp_path):
+    ckpt = Checkpoints(tmp_path / "c")
+    ckpt.save(1, _state(1.0), {"epoch": 1}, best=False)
+    ckpt.save(2, _state(2.0), {"epoch": 2}, best=False)
+    (tmp_path / "c" / "latest" / "3.orbax-checkpoint-tmp-123").mkdir()  # a save killed midway
+    for f in (tmp_path / "c" / "latest" / "2" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"corrupt")
+    ckpt = Checkpoints(tmp_path / "c")
+    state, meta = ckpt.restore(_state(0.0))
+    assert meta["epoch"] == 1 and float(state["step"]) == 1
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint saved yet"):
+        Checkpoints(tmp_path / "c").restore(_state(0.0))
