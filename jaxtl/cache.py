@@ -117,25 +117,26 @@ class ActivationCache:
     def __init__(self, directory: str | os.PathLike, key: str):
         self.path = Path(directory) / f"prefix-{key}.h5"
 
-    def load(self) -> np.ndarray | None:
+    def load(self) -> dict[str, np.ndarray] | None:
         try:
             with h5py.File(self.path, "r") as f:
                 if not f.attrs.get("complete"):
                     return None
-                acts = f["acts"][:]
-                return acts.view(ml_bfloat16()) if f.attrs.get("bfloat16") else acts
+                return {name: f[name][:].view(ml_bfloat16()) if f[name].attrs.get("bfloat16") else f[name][:]
+                        for name in f}
         except (OSError, KeyError):
             return None
 
-    def store(self, acts: np.ndarray) -> None:
+    def store(self, acts: dict[str, np.ndarray]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".h5.tmp")
         os.close(fd)
-        bf16 = acts.dtype == ml_bfloat16()
         try:
             with h5py.File(tmp, "w") as f:
-                f["acts"] = acts.view(np.uint16) if bf16 else acts
-                f.attrs["bfloat16"] = bf16
+                for name, a in acts.items():
+                    bf16 = a.dtype == ml_bfloat16()
+                    f[name] = a.view(np.uint16) if bf16 else a
+                    f[name].attrs["bfloat16"] = bf16
                 f.flush()
                 f.attrs["complete"] = True
             os.replace(tmp, self.path)

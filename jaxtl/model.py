@@ -71,7 +71,7 @@ def pool_features(h, pooling: str):
 
 
 class Head(nn.Module):
-    """The seed's classifier (Flatten -> Dense(256, relu) -> Dropout -> Dense) with optional standardisation.
+    """The seed's classifier (Dense(256, relu) -> Dropout -> Dense) on a feature vector, optionally standardised.
 
     `normalize` applies a fixed affine map kept in the `norm` collection; its statistics are fitted on
     the training split and travel with the checkpoint, so evaluate and predict see what training saw.
@@ -80,12 +80,10 @@ class Head(nn.Module):
     num_classes: int
     hidden: int = 256
     dropout: float = 0.0
-    pooling: str = "flatten"
     normalize: bool = False
 
     @nn.compact
-    def __call__(self, h, train: bool = False):
-        x = pool_features(h.astype(jnp.float32), self.pooling)
+    def __call__(self, x, train: bool = False):
         if self.normalize:
             mean = self.variable("norm", "mean", jnp.zeros, (x.shape[-1],), jnp.float32)
             scale = self.variable("norm", "scale", jnp.ones, (x.shape[-1],), jnp.float32)
@@ -98,7 +96,12 @@ class Head(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Base plus head; `start` runs the base from a split point, `features` runs it up to one."""
+    """Base plus head, runnable from and up to any split point (params: `{"base": ..., "head": ...}`).
+
+    The head sees the pooled outputs of the blocks in `taps` (the seed: block 5 flattened), concatenated
+    in block order. What crosses a split point `k` is `{"h": activation after conv k, "taps": pooled
+    outputs of tapped blocks already passed}`; at k = 13 only `taps` is left, the head's whole input.
+    """
 
     num_classes: int
     hidden: int = 256
@@ -106,17 +109,36 @@ class Classifier(nn.Module):
     pooling: str = "flatten"
     normalize: bool = False
     dtype: Any = jnp.float32
+    taps: tuple[int, ...] = (5,)
 
     def setup(self):
         self.base = VGG16Base(dtype=self.dtype)
-        self.head = Head(self.num_classes, self.hidden, self.dropout, self.pooling, self.normalize)
+        self.head = Head(self.num_classes, self.hidden, self.dropout, self.normalize)
 
     def __call__(self, x, train: bool = False, start: int = 0):
-        return self.head(self.base(x, start=start), train=train)
+        """Logits from images (start 0), an activation at `start`, or the inputs dict at `start`."""
+        return self.head(self.head_inputs(x, start), train=train)
+
+    def advance(self, inputs, start: int, stop: int) -> dict:
+        """Split-point inputs at `start` -> at `stop`, pooling each tapped block on the way."""
+        if not isinstance(inputs, dict):
+            inputs = {"h": inputs, "taps": jnp.zeros((inputs.shape[0], 0), jnp.float32)}
+        x, pooled, pos = inputs.get("h"), [inputs["taps"]], start
+        for block, end in enumerate(BLOCK_END[1:], 1):
+            if start < end <= stop and block in self.taps:
+                x = self.base(x, pos, end)
+                pos = end
+                pooled.append(pool_features(x.astype(jnp.float32), self.pooling))
+        if stop < N_CONV:  # past the last tap nothing is needed at the end of the base
+            x = self.base(x, pos, stop)
+        return {"h": x if stop < N_CONV else None, "taps": jnp.concatenate(pooled, axis=-1)}
+
+    def prefix(self, x, stop: int) -> dict:
+        return self.advance(x, 0, stop)
+
+    def head_inputs(self, x, start: int = 0):
+        """The head's (unnormalised) input: what the normalisation statistics are fitted on."""
+        return self.advance(x, start, N_CONV)["taps"]
 
     def features(self, x, stop: int = N_CONV):
         return self.base(x, start=0, stop=stop)
-
-    def head_inputs(self, x, start: int = 0):
-        """Pooled, unnormalised head input: what the normalisation statistics are fitted on."""
-        return pool_features(self.base(x, start=start).astype(jnp.float32), self.pooling)

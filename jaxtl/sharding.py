@@ -56,10 +56,10 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """This process's rows of a batch -> arrays sharded over the mesh's `data` axis."""
+def global_batch(mesh: Mesh, local):
+    """This process's rows of a batch (a pytree of arrays) -> arrays sharded over the mesh's `data` axis."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, v), local)
 
 
 def replicate(mesh: Mesh, tree):

@@ -34,7 +34,7 @@ from jaxtl.cache import ActivationCache, cached_features, file_key, fingerprint
 from jaxtl.checkpoint import CheckpointError, Checkpoints
 from jaxtl.data import LAYOUTS, SPLITS, DataError, discover, fetch_fsdd, split_indices, subset, synthetic
 from jaxtl.images import RaggedFeatures
-from jaxtl.model import CONV_NAMES, N_CONV, Classifier, output_shape
+from jaxtl.model import CONV_NAMES, N_CONV, Classifier
 from jaxtl.sharding import (
     barrier,
     global_batch,
@@ -97,7 +97,9 @@ class TrainConfig:
     finetune_convs: int = _f(3, "conv layers unfrozen by finetune/progressive (3 = the last block)")
     hidden: int = _f(256, "head hidden units (0: a linear head)")
     dropout: float = _f(0.0, "head dropout rate")
-    pooling: str = _f("flatten", "how the head sees the base output", choices=("flatten", "avg", "avgmax"))
+    pooling: str = _f("flatten", "how the head sees each tapped block's output",
+                      choices=("flatten", "avg", "avgmax"))
+    taps: str = _f("5", "blocks whose pooled outputs feed the head, e.g. 3,4,5 (the seed: 5)")
     normalize: bool = _f(False, "standardise head inputs with statistics of the training split")
     dtype: str = _f("float32", "compute dtype of the convolutions (params stay float32)", choices=tuple(DTYPES))
     # optimisation
@@ -148,6 +150,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        _ = self.tap_blocks
         return self
 
     @property
@@ -161,7 +164,17 @@ class TrainConfig:
 
     def model(self, num_classes: int) -> Classifier:
         return Classifier(num_classes, hidden=self.hidden, dropout=self.dropout, pooling=self.pooling,
-                          normalize=self.normalize, dtype=DTYPES[self.dtype])
+                          normalize=self.normalize, dtype=DTYPES[self.dtype], taps=self.tap_blocks)
+
+    @property
+    def tap_blocks(self) -> tuple[int, ...]:
+        try:
+            blocks = tuple(sorted({int(b) for b in self.taps.split(",")}))
+        except ValueError:
+            blocks = ()
+        if not blocks or not all(1 <= b <= 5 for b in blocks):
+            raise ConfigError(f"--taps {self.taps!r}: give blocks 1..5 separated by commas, e.g. 3,4,5")
+        return blocks
 
     def stages(self) -> list[tuple[int, int, float]]:
         """(split k, epochs, base learning rate) for each training stage."""
@@ -238,7 +251,7 @@ def augment(images, rng, cfg: TrainConfig):
 
 
 def forward(params, norm, x, rng, *, model: Classifier, cfg: TrainConfig, k: int, cached: bool, train: bool):
-    """Logits from the step's input: prefix activations at split k (`cached`), else [0,1] images."""
+    """Logits from the step's input: the split-point inputs at k (`cached`), else [0,1] images."""
     variables = {"params": params, "norm": norm}
     if not cached:
         x = imagelib.decode(x)
@@ -246,7 +259,7 @@ def forward(params, norm, x, rng, *, model: Classifier, cfg: TrainConfig, k: int
             x = augment(x, jax.random.fold_in(rng, 1), cfg)
         x = imagelib.preprocess(x, cfg.preprocess)
         if k:
-            x = jax.lax.stop_gradient(model.apply(variables, x, stop=k, method=Classifier.features))
+            x = jax.lax.stop_gradient(model.apply(variables, x, k, method=Classifier.prefix))
     return model.apply(variables, x, train=train, start=k, rngs={"dropout": rng} if train else {})
 
 
@@ -361,15 +374,19 @@ def batches(n: int, batch_size: int, multiple: int, rng: np.random.Generator | N
         yield np.concatenate([idx, np.full(size - len(idx), idx[0])]), mask
 
 
-class Inputs:
-    """What a step eats for a set of clips: cached prefix activations, or images made per batch."""
+def take(acts: dict, ids: np.ndarray) -> dict:
+    return {name: a[ids] for name, a in acts.items()}
 
-    def __init__(self, prep: Prepared, cfg: TrainConfig, acts: np.ndarray | None):
+
+class Inputs:
+    """What a step eats for a set of clips: cached split-point inputs (`{"h", "taps"}`), or images."""
+
+    def __init__(self, prep: Prepared, cfg: TrainConfig, acts: dict | None):
         self.prep, self.cfg, self.acts = prep, cfg, acts
 
-    def __call__(self, clip_ids: np.ndarray) -> np.ndarray:
+    def __call__(self, clip_ids: np.ndarray):
         if self.acts is not None:
-            return self.acts[clip_ids]
+            return take(self.acts, clip_ids)
         return image_batch(self.prep.feats, clip_ids, self.cfg)
 
 
@@ -381,47 +398,54 @@ def fit_normalizer(head_inputs: np.ndarray) -> dict:
     return {"head": {"mean": jnp.asarray(mean, jnp.float32), "scale": jnp.asarray(scale, jnp.float32)}}
 
 
-def compute_prefix(model, params, prep: Prepared, cfg: TrainConfig, k: int, mesh, desc: str) -> np.ndarray:
-    """Activations after the first k convs for every clip, computed once (forward only, jitted)."""
+def _host_inputs(out: dict):
+    """Drop what a split point does not carry (no activation at k = 13)."""
+    return {name: a for name, a in out.items() if a is not None}
+
+
+def compute_prefix(model, params, prep: Prepared, cfg: TrainConfig, k: int, mesh, desc: str) -> dict:
+    """Split-point inputs at k for every clip, computed once (forward only, jitted)."""
     from tqdm.auto import tqdm
 
     @jax.jit
     def run(params, x):
         x = imagelib.preprocess(imagelib.decode(x), cfg.preprocess)
-        return model.apply({"params": params}, x, stop=k, method=Classifier.features)
+        return _host_inputs(model.apply({"params": params}, x, k, method=Classifier.prefix))
 
     n = len(prep.y)
-    h, w, c = output_shape(cfg.image_size, cfg.image_size, 0, k)
-    out = np.zeros((n, h, w, c), DTYPES[cfg.dtype])
+    out: dict[str, np.ndarray] = {}
     size = cfg.batch_size * 2
     batch_iter = ((idx, mask, image_batch(prep.feats, local_rows(idx)[0], cfg)) for idx, mask in
                   batches(n, size, mesh.size, None))
     with tqdm(total=n, desc=desc, unit="clip", disable=not cfg.progress or not is_main_process(), leave=False) as bar:
         for idx, mask, x in prefetch(batch_iter):  # each process computes its rows; all receive every row
-            acts = to_host(run(params, global_batch(mesh, {"x": x})["x"]))
+            acts = jax.tree.map(to_host, run(params, global_batch(mesh, {"x": x})["x"]))
             real = mask > 0
-            out[idx[real]] = acts[real]
+            for name, a in acts.items():
+                out.setdefault(name, np.zeros((n,) + a.shape[1:], a.dtype))[idx[real]] = a[real]
             bar.update(int(real.sum()))
     return out
 
 
-def prefix_activations(model, params, prep: Prepared, cfg: TrainConfig, k: int, mesh, log: Callable) -> np.ndarray:
+def prefix_activations(model, params, prep: Prepared, cfg: TrainConfig, k: int, mesh, log: Callable) -> dict:
     """`compute_prefix`, kept on disk keyed by the prefix weights, settings and clips, so reruns skip it."""
     if not cfg.cache_dir:
         return compute_prefix(model, params, prep, cfg, k, mesh, "frozen prefix")
     weights = [np.asarray(leaf) for name in CONV_NAMES[:k] for leaf in jax.tree.leaves(params["base"][name])]
-    key = fingerprint(cfg.features().key(), cfg.image_size, cfg.fit, cfg.preprocess, cfg.dtype, k,
-                      [file_key(p) for p in prep.paths], *weights)
+    key = fingerprint(cfg.features().key(), cfg.image_size, cfg.fit, cfg.preprocess, cfg.dtype, k, cfg.taps,
+                      cfg.pooling, [file_key(p) for p in prep.paths], *weights)
     store = ActivationCache(cfg.cache_dir, key)
     acts = store.load()
-    if acts is not None and len(acts) == len(prep.paths):
-        log(f"frozen prefix: {len(acts)} clips from {store.path}")
+    if acts is not None and all(len(a) == len(prep.paths) for a in acts.values()):
+        log(f"frozen prefix: {len(prep.paths)} clips from {store.path}")
         return acts
     t = time.perf_counter()
     acts = compute_prefix(model, params, prep, cfg, k, mesh, "frozen prefix")
     secs = time.perf_counter() - t
-    log(f"frozen prefix: {len(acts)} clips in {secs:.1f}s ({len(acts) / secs:.1f} clips/s), kept in {store.path}")
-    store.store(acts)
+    n = len(prep.paths)
+    log(f"frozen prefix: {n} clips in {secs:.1f}s ({n / secs:.1f} clips/s), kept in {store.path}")
+    if is_main_process():
+        store.store(acts)
     return acts
 
 
@@ -665,18 +689,19 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
     return summary
 
 
-def _advance(model, params, acts, k_from: int, k_to: int, cfg: TrainConfig) -> np.ndarray:
-    """Cached activations at split k_from -> at split k_to, in batches."""
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, start=k_from, stop=k_to,
-                                          method=lambda m, x, start, stop: m.base(x, start, stop)))
-    step = cfg.batch_size * 4
-    return np.concatenate([np.asarray(fn(params, acts[i:i + step])) for i in range(0, len(acts), step)])
+def _advance(model, params, acts: dict, k_from: int, k_to: int, cfg: TrainConfig) -> dict:
+    """Cached split-point inputs at k_from -> at k_to, in batches."""
+    fn = jax.jit(lambda p, x: _host_inputs(model.apply({"params": p}, x, k_from, k_to, method=Classifier.advance)))
+    n, step = len(acts["taps"]), cfg.batch_size * 4
+    parts = [jax.tree.map(np.asarray, fn(params, take(acts, np.arange(i, min(i + step, n)))))
+             for i in range(0, n, step)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def _fit_norm(model, params, inputs: Inputs, prep: Prepared, cfg, k, cached, mesh) -> dict:
     """Head-input statistics over the training split, with the params training starts from."""
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x if cached else imagelib.preprocess(
-        imagelib.decode(x), cfg.preprocess), start=k if cached else 0, method=Classifier.head_inputs))
+        imagelib.decode(x), cfg.preprocess), k if cached else 0, method=Classifier.head_inputs))
     rows = []
     for idx, mask in batches(len(prep.train), cfg.batch_size, mesh.size, None):
         feats = np.asarray(fn(params, inputs(prep.train[idx])))

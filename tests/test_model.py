@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_l2
-from jaxtl.model import BLOCK_END, CONV_NAMES, Classifier, Head, VGG16Base, block_split, output_shape
+from jaxtl.model import BLOCK_END, CONV_NAMES, Classifier, Head, VGG16Base, block_split, output_shape, pool_features
 
 
 @pytest.fixture(scope="module")
@@ -51,25 +51,42 @@ def test_bfloat16_compute_keeps_float32_params(base_vars):
     assert rel_l2(out16.astype(jnp.float32), VGG16Base().apply(base_vars, x)) < 5e-2
 
 
-def test_head_pooling_and_normalisation():
-    h = jax.random.normal(jax.random.PRNGKey(3), (4, 2, 2, 8))
-    for pooling, width in (("flatten", 32), ("avg", 8), ("avgmax", 16)):
-        head = Head(5, hidden=0, pooling=pooling, normalize=True)
-        v = head.init(jax.random.PRNGKey(0), h)
-        assert v["params"]["logits"]["kernel"].shape == (width, 5)
-        assert v["norm"]["mean"].shape == (width,)
-        assert head.apply(v, h).shape == (4, 5)
+def test_pooling():
+    h = jax.random.normal(jax.random.PRNGKey(3), (4, 2, 3, 8))
+    np.testing.assert_array_equal(pool_features(h, "flatten"), h.reshape(4, 48))
+    np.testing.assert_allclose(pool_features(h, "avg"), h.mean(axis=(1, 2)), rtol=1e-6)
+    avgmax = pool_features(h, "avgmax")
+    assert avgmax.shape == (4, 16)
+    np.testing.assert_allclose(avgmax[:, 8:], h.max(axis=(1, 2)))
+    with pytest.raises(ValueError, match="unknown pooling"):
+        pool_features(h, "median")
 
 
 def test_head_normalisation_is_the_affine_map_it_stores():
-    h = jax.random.normal(jax.random.PRNGKey(4), (3, 6))[:, None, None, :]
+    x = jax.random.normal(jax.random.PRNGKey(4), (3, 6))
     head = Head(2, hidden=0, normalize=True)
-    v = head.init(jax.random.PRNGKey(0), h)
+    v = head.init(jax.random.PRNGKey(0), x)
     mean, scale = jnp.arange(6.0), jnp.full(6, 2.0)
     v = {"params": v["params"], "norm": {"mean": mean, "scale": scale}}
     w, b = v["params"]["logits"]["kernel"], v["params"]["logits"]["bias"]
-    expected = ((h.reshape(3, 6) - mean) * scale) @ w + b
-    np.testing.assert_allclose(head.apply(v, h), expected, rtol=1e-5)
+    np.testing.assert_allclose(head.apply(v, x), ((x - mean) * scale) @ w + b, rtol=1e-5)
+
+
+@pytest.mark.parametrize("taps,pooling,width", [((5,), "flatten", 512), ((3, 4, 5), "avgmax", 2 * (256 + 512 + 512)),
+                                                ((2, 4), "avg", 128 + 512)])
+def test_taps_feed_the_head_pooled_block_outputs(base_vars, taps, pooling, width):
+    model = Classifier(3, hidden=0, pooling=pooling, taps=taps)
+    x = jax.random.uniform(jax.random.PRNGKey(6), (2, 32, 32, 3))
+    v = model.init(jax.random.PRNGKey(0), x)
+    v = {"params": {"base": base_vars["params"], "head": v["params"]["head"]}}
+    feats = model.apply(v, x, method=Classifier.head_inputs)
+    assert feats.shape == (2, width)
+    expected = [pool_features(VGG16Base().apply(base_vars, x, stop=BLOCK_END[b]), pooling) for b in taps]
+    np.testing.assert_allclose(feats, jnp.concatenate(expected, -1), rtol=1e-5, atol=1e-6)
+    for k in (4, 7, 10, 13):  # any split point gives the same head input
+        mid = model.apply(v, x, k, method=Classifier.prefix)
+        assert (mid["h"] is None) == (k == 13)
+        np.testing.assert_allclose(model.apply(v, mid, k, method=Classifier.head_inputs), feats, rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_only_in_training():

@@ -57,7 +57,7 @@ def test_each_mode_trains_exactly_its_set(cfg, mode, k):
     state = T.create_train_state(params, norm, tx)
     x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
     for cached in (False, True):
-        inp = x if not cached else model.apply({"params": params}, x, stop=k, method=T.Classifier.features)
+        inp = x if not cached else model.apply({"params": params}, x, k, method=T.Classifier.prefix)
         batch = {"x": inp, "y": jnp.array([0, 1, 2, 0]), "mask": jnp.ones(4)}
         step = jax.jit(lambda s, b: T.train_step(s, b, jax.random.PRNGKey(1), model=model, cfg=cfg, tx=tx,
                                                  labels=labels, k=k, cached=cached))
@@ -102,7 +102,7 @@ def test_normalisation_statistics_come_from_the_training_split(cfg):
     mesh = T.make_mesh()
     acts = T.compute_prefix(model, params, prep, cfg, N_CONV, mesh, "x")
     norm = T._fit_norm(model, params, T.Inputs(prep, cfg, acts), prep, cfg, N_CONV, True, mesh)
-    flat = acts.reshape(len(acts), -1)
+    flat = acts["taps"]
     np.testing.assert_allclose(norm["head"]["mean"], flat[prep.train].mean(0), rtol=1e-5, atol=1e-7)
     assert not np.allclose(norm["head"]["mean"], flat.mean(0))  # not fitted on val or test
     T.run(cfg, log=quiet)
