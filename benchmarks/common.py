@@ -39,3 +39,30 @@ def write_results(name: str, payload: dict, table: str, out_dir: str | os.PathLi
     print(table)
     print(f"wrote {stem}.json and {stem}.md")
     return stem
+
+
+FSDD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd" / "recordings"
+HED = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "hed_bsds500.weights.h5"
+CACHE = Path(__file__).resolve().parents[1] / ".jaxtl_cache"
+
+# The configurations the studies compare, as TrainConfig overrides of the seed recipe.
+SEED_RECIPE: dict = {}
+LOGMEL_8K = {"representation": "logmel", "sample_rate": 8000, "n_fft": 512, "win_length": 256, "hop_length": 64,
+             "n_mels": 128, "fmax": 4000.0, "fit": "stretch", "preprocess": "caffe"}
+LINEAR_TAPS = {"taps": "3,4,5", "pooling": "avgmax", "normalize": True, "hidden": 0, "weight_decay": 1e-4,
+               "epochs": 100, "patience": 10, "plateau_patience": 4}
+
+
+def run_config(overrides: dict, seed: int, size: int, weights: str, data: Path = FSDD, **extra) -> dict:
+    """One training run of jaxtl on `data` with `overrides`; returns its summary."""
+    import dataclasses
+    import tempfile
+
+    from jaxtl import train as T
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = T.TrainConfig(data=str(data), image_size=size, weights=weights, seed=seed, out=out,
+                            cache_dir=str(CACHE), progress=False,
+                            init_seed=0 if weights == "random" else None)
+        cfg = dataclasses.replace(cfg, **{**overrides, **extra})
+        return T.run(cfg, log=lambda *_: None)

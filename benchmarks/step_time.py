@@ -25,9 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, write_results  # noqa: E402
-
 from jaxtl import train as T  # noqa: E402
-from jaxtl.model import Classifier, output_shape  # noqa: E402
+from jaxtl.model import output_shape  # noqa: E402
 
 # name: (split k, prefix cached?)
 MODES = {

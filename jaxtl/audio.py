@@ -18,6 +18,7 @@ import librosa
 import numpy as np
 import scipy.fft
 import soundfile as sf
+import soxr
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 REPRESENTATIONS = ("mfcc", "mfcc-delta", "logmel")
@@ -91,8 +92,10 @@ def load_audio(path: str, sample_rate: int, max_seconds: float | None = None) ->
     if not np.isfinite(y).all():
         raise BadAudio(path, "contains NaN or infinite samples")
     y = y.mean(axis=1)
-    if native != sample_rate:
-        y = librosa.resample(y, orig_sr=native, target_sr=sample_rate, res_type="soxr_hq")
+    if native != sample_rate:  # what librosa.resample(res_type="soxr_hq") does, without its 2 s first call
+        n = int(np.ceil(len(y) * sample_rate / native))
+        y = soxr.resample(y, native, sample_rate, quality="soxr_hq")
+        y = np.pad(y, (0, max(0, n - len(y))))[:n]
     return y.astype(np.float32)
 
 
@@ -173,7 +176,11 @@ def _file_features_chunk(args):
 
 def extract(paths: list[str], cfg: FeatureConfig, workers: int | None = None, progress: bool = True,
             chunk: int = 64) -> tuple[list[np.ndarray | None], list[BadAudio]]:
-    """`file_features` over many files, spread over processes (spawned: JAX's threads forbid fork)."""
+    """`file_features` over many files, spread over processes.
+
+    Workers fork from a fresh server process that has imported this module once (JAX's threads make a
+    plain fork of the caller unsafe, and a spawn per worker pays the imports again).
+    """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -188,7 +195,8 @@ def extract(paths: list[str], cfg: FeatureConfig, workers: int | None = None, pr
             results.append(file_features(c, cfg))
             bar.update(len(c))
     else:
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["jaxtl.audio_worker"])
         with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as pool:
             for c, r in zip(chunks, pool.map(_file_features_chunk, [(c, cfg) for c in chunks])):
                 results.append(r)

@@ -156,9 +156,10 @@ def subset(y: np.ndarray, max_clips: int | None, seed: int, classes) -> np.ndarr
 
 
 def split_indices(y: np.ndarray, groups: list[str], given: list[str], method: str, test_size: float,
-                  val_size: float, seed: int, classes, val_method: str = "stratified"):
+                  val_size: float, seed: int, classes, val_method: str = "stratified", test_group: str | None = None):
     """(train, val, test) index arrays into y.
 
+    `method="group"` holds out `test_group` (e.g. one speaker), or a random `test_size` of the groups.
     `val_method="tail"` takes the last `val_size` of the training part, as Keras' `validation_split`.
     """
     idx = np.arange(len(y))
@@ -170,8 +171,14 @@ def split_indices(y: np.ndarray, groups: list[str], given: list[str], method: st
         if len(set(groups)) < 2:
             raise DataError("group split needs at least 2 groups (speakers); this dataset has "
                             f"{len(set(groups))}: use --split stratified")
-        gss = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
-        train, test = next(gss.split(idx, y, groups))
+        if test_group is not None:
+            if test_group not in set(groups):
+                raise DataError(f"--test-group {test_group!r} is not a group of this dataset "
+                                f"({sorted(set(groups))})")
+            train, test = idx[groups != test_group], idx[groups == test_group]
+        else:
+            gss = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
+            train, test = next(gss.split(idx, y, groups))
     elif method in ("fsdd", "manifest"):
         given = np.asarray(given)
         train, test = idx[given != "test"], idx[given == "test"]

@@ -81,30 +81,33 @@ def stretch_time(batch: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarr
 
 def to_images(batch: np.ndarray, lengths: np.ndarray, size: int = 224, fit: str = "pad",
               dtype: str = "float32") -> np.ndarray:
-    """(N, C, F, T) features, C in {1, 3} -> (N, size, size, 3) images in [0, 1] (NHWC)."""
+    """(N, C, F, T) features, C in {1, 3} -> (N, size, size, 3) images in [0, 1] (NHWC).
+
+    Scaling happens on the small (N, C, F', size) array of the rows that appear in the image (row
+    repetition changes neither min nor max), and the full-size image is written once, already in its
+    storage dtype.
+    """
     if fit not in FIT_MODES:
         raise ValueError(f"unknown fit {fit!r}: use one of {FIT_MODES}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"unknown image dtype {dtype!r}: use one of {STORAGE_DTYPES}")
     if fit == "stretch":
         batch = stretch_time(batch, lengths, size)
     else:
         batch = batch[..., :size]
         if batch.shape[-1] < size:
             batch = np.pad(batch, [(0, 0)] * 3 + [(0, size - batch.shape[-1])])
-    images = batch[:, :, row_index(batch.shape[2], size), :]  # (N, C, size, size)
-    lo = images.min(axis=(2, 3), keepdims=True)
-    span = images.max(axis=(2, 3), keepdims=True) - lo
-    images = np.where(span > 0, (images - lo) / np.where(span > 0, span, 1.0), 0.0)
-    images = np.broadcast_to(images, (images.shape[0], 3) + images.shape[2:]) if images.shape[1] == 1 else images
-    return encode(images.transpose(0, 2, 3, 1).astype(np.float32), dtype)
-
-
-def encode(images: np.ndarray, dtype: str) -> np.ndarray:
-    """Compact storage for [0, 1] images; `decode` restores float32."""
+    rows, inverse = np.unique(row_index(batch.shape[2], size), return_inverse=True)
+    small = batch[:, :, rows, :].astype(np.float32)
+    lo = small.min(axis=(2, 3), keepdims=True)
+    span = small.max(axis=(2, 3), keepdims=True) - lo
+    small = np.where(span > 0, (small - lo) / np.where(span > 0, span, 1.0), 0.0)
     if dtype == "uint8":
-        return np.round(images * 255.0).astype(np.uint8)
-    if dtype in ("float16", "float32"):
-        return images.astype(dtype)
-    raise ValueError(f"unknown image dtype {dtype!r}: use one of {STORAGE_DTYPES}")
+        small = np.round(small * 255.0)
+    small = small.astype(dtype).transpose(0, 2, 3, 1)  # (N, F', size, C)
+    out = np.empty((batch.shape[0], size, size, 3), dtype)
+    out[...] = small[:, inverse]  # one full-size write; C = 1 broadcasts to RGB
+    return out
 
 
 def decode(images):

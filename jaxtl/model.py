@@ -40,7 +40,10 @@ def output_shape(height: int, width: int, start: int, stop: int) -> tuple[int, i
 
 
 class VGG16Base(nn.Module):
-    """Keras' `VGG16(include_top=False)`: NHWC in, (N, H/32, W/32, 512) out; params keep Keras names."""
+    """Keras' `VGG16(include_top=False)`: NHWC in, (N, H/32, W/32, 512) out; params keep Keras names.
+
+    Random init is Keras' own (Glorot-uniform kernels, zero biases), so `random` means the same here.
+    """
 
     dtype: Any = jnp.float32
 
@@ -51,8 +54,8 @@ class VGG16Base(nn.Module):
         x = x.astype(self.dtype)
         for i in range(start, stop):
             name, features = CONV_LAYERS[i]
-            conv = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
-                           param_dtype=jnp.float32, name=name)
+            conv = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=jnp.float32,
+                           kernel_init=nn.initializers.glorot_uniform(), name=name)
             x = nn.relu(conv(x))
             if i + 1 in BLOCK_END:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))

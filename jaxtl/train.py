@@ -37,6 +37,7 @@ from jaxtl.images import RaggedFeatures
 from jaxtl.model import CONV_NAMES, N_CONV, Classifier
 from jaxtl.sharding import (
     barrier,
+    batch_sharding,
     global_batch,
     initialize_distributed,
     is_main_process,
@@ -73,6 +74,7 @@ class TrainConfig:
     val_method: str = _f("stratified", "validation split: stratified, or the tail of the training part as "
                                        "Keras' validation_split", choices=("stratified", "tail"))
     test_size: float = _f(0.2, "fraction of clips held out for test")
+    test_group: str | None = _f(None, "with --split group: the group (speaker) held out for test")
     val_size: float = _f(0.2, "fraction of the training part used for validation")
     max_clips: int | None = _f(None, "use a stratified subset of this many clips")
     on_bad_file: str = _f("error", "a file that cannot be decoded: stop, or skip and report it",
@@ -82,6 +84,7 @@ class TrainConfig:
     sample_rate: int = _f(22050, "resample audio to this rate (Hz)")
     n_mfcc: int = _f(13, "MFCC coefficients")
     n_fft: int = _f(2048, "FFT size")
+    win_length: int | None = _f(None, "STFT window (samples; default n_fft)")
     hop_length: int = _f(512, "STFT hop (samples)")
     n_mels: int = _f(128, "mel bands")
     fmax: float | None = _f(None, "highest mel frequency (Hz; default sample_rate / 2)")
@@ -90,6 +93,8 @@ class TrainConfig:
                   choices=imagelib.FIT_MODES)
     preprocess: str = _f("unit", "network input: [0,1] images (seed) or Keras' caffe preprocessing",
                          choices=imagelib.PREPROCESS_MODES)
+    image_dtype: str = _f("float32", "host-side image dtype; uint8 moves 4x fewer bytes to the device",
+                          choices=imagelib.STORAGE_DTYPES)
     # model
     weights: str | None = _f(None, "imagenet | a weight file | random (default: imagenet when found, "
                                    "else random init, announced)")
@@ -119,6 +124,7 @@ class TrainConfig:
     freq_mask: int = _f(0, "SpecAugment frequency mask of up to this many rows")
     # run
     seed: int = _f(42, "seed of splits, init, shuffling and augmentation")
+    init_seed: int | None = _f(None, "seed of a random base's init alone (default: --seed)")
     out: str = _f("runs/latest", "run directory")
     resume: bool = _f(False, "continue the run in --out from its latest checkpoint")
     cache_dir: str | None = _f(".jaxtl_cache", "feature cache directory ('' to disable)")
@@ -159,8 +165,8 @@ class TrainConfig:
 
     def features(self) -> FeatureConfig:
         return FeatureConfig(representation=self.representation, sample_rate=self.sample_rate,
-                             n_mfcc=self.n_mfcc, n_fft=self.n_fft, hop_length=self.hop_length,
-                             n_mels=self.n_mels, fmax=self.fmax)
+                             n_mfcc=self.n_mfcc, n_fft=self.n_fft, win_length=self.win_length,
+                             hop_length=self.hop_length, n_mels=self.n_mels, fmax=self.fmax)
 
     def model(self, num_classes: int) -> Classifier:
         return Classifier(num_classes, hidden=self.hidden, dropout=self.dropout, pooling=self.pooling,
@@ -352,7 +358,7 @@ def prepare(cfg: TrainConfig, log: Callable = print) -> Prepared:
     given = [ds.splits[keep[i]] for i in ok]
     method = cfg.split
     train, val, test = split_indices(y, groups, given, method, cfg.test_size, cfg.val_size, cfg.seed, classes,
-                                     cfg.val_method)
+                                     cfg.val_method, cfg.test_group)
     return Prepared([paths[i] for i in ok], RaggedFeatures.from_list([feats[i] for i in ok]), y, classes,
                     train, val, test, bad + errors, source)
 
@@ -360,7 +366,7 @@ def prepare(cfg: TrainConfig, log: Callable = print) -> Prepared:
 def image_batch(feats: RaggedFeatures, idx: np.ndarray, cfg: TrainConfig) -> np.ndarray:
     width = cfg.image_size if cfg.fit == "pad" else None
     batch, lengths = feats.padded(idx, width)
-    return imagelib.to_images(batch, lengths, cfg.image_size, cfg.fit)
+    return imagelib.to_images(batch, lengths, cfg.image_size, cfg.fit, cfg.image_dtype)
 
 
 def batches(n: int, batch_size: int, multiple: int, rng: np.random.Generator | None):
@@ -383,6 +389,13 @@ class Inputs:
 
     def __init__(self, prep: Prepared, cfg: TrainConfig, acts: dict | None):
         self.prep, self.cfg, self.acts = prep, cfg, acts
+        self._device = None
+
+    def on_device(self, mesh) -> dict:
+        """The cached inputs and labels of every clip, replicated on the devices (moved once)."""
+        if self._device is None:
+            self._device = replicate(mesh, {"x": self.acts, "y": self.prep.y.astype(np.int32)})
+        return self._device
 
     def __call__(self, clip_ids: np.ndarray):
         if self.acts is not None:
@@ -432,7 +445,8 @@ def prefix_activations(model, params, prep: Prepared, cfg: TrainConfig, k: int, 
     if not cfg.cache_dir:
         return compute_prefix(model, params, prep, cfg, k, mesh, "frozen prefix")
     weights = [np.asarray(leaf) for name in CONV_NAMES[:k] for leaf in jax.tree.leaves(params["base"][name])]
-    key = fingerprint(cfg.features().key(), cfg.image_size, cfg.fit, cfg.preprocess, cfg.dtype, k, cfg.taps,
+    key = fingerprint(cfg.features().key(), cfg.image_size, cfg.fit, cfg.preprocess, cfg.image_dtype, cfg.dtype, k,
+                      cfg.taps,
                       cfg.pooling, [file_key(p) for p in prep.paths], *weights)
     store = ActivationCache(cfg.cache_dir, key)
     acts = store.load()
@@ -449,37 +463,90 @@ def prefix_activations(model, params, prep: Prepared, cfg: TrainConfig, k: int, 
     return acts
 
 
-def run_epoch(step_fn, state, inputs: Inputs, clip_ids, y, cfg, mesh, rng, desc, train: bool):
-    """One pass over clip_ids; returns state and (mean loss, accuracy, clips, seconds)."""
-    from tqdm.auto import tqdm
+def _scan_epoch(step, state, data, idx, mask, *, sharding, train: bool):
+    """Every batch of an epoch as one device program, gathering batches from inputs kept on the device."""
 
+    def body(state, batch_rows):
+        i, m = batch_rows
+        batch = {"x": jax.tree.map(lambda a: a[i], data["x"]), "y": data["y"][i], "mask": m}
+        batch = jax.lax.with_sharding_constraint(batch, sharding)
+        if train:
+            return step(state, batch)
+        return state, step(state, batch)[0]
+
+    return jax.lax.scan(body, state, (idx, mask))
+
+
+class Steps:
+    """The jitted programs of one training stage.
+
+    Host-fed inputs (images) go through one jitted step per batch, prepared on a host thread. Cached
+    inputs are small enough to live on the device, so a whole epoch is one `lax.scan`: no host round
+    trip per step, which otherwise costs more than a head-only step itself.
+    """
+
+    def __init__(self, model, cfg: TrainConfig, tx, labels, k: int, cached: bool, rng, mesh):
+        train = functools.partial(train_step, rng=rng, model=model, cfg=cfg, tx=tx, labels=labels, k=k,
+                                  cached=cached)
+        evaluate = functools.partial(eval_step, model=model, cfg=cfg, k=k, cached=cached)
+        self.train, self.eval = jax.jit(train), jax.jit(evaluate)
+        sharding = batch_sharding(mesh)
+        self.train_scan = jax.jit(functools.partial(_scan_epoch, train, sharding=sharding, train=True))
+        self.eval_scan = jax.jit(functools.partial(_scan_epoch, evaluate, sharding=sharding, train=False))
+
+
+def _diverged(step: int, desc: str) -> FloatingPointError:
+    return FloatingPointError(f"training diverged: non-finite loss at step {step} ({desc}); stopped before "
+                              "saving it, the last good checkpoint stays in place")
+
+
+def run_epoch(steps: Steps, state, inputs: Inputs, clip_ids, cfg, mesh, rng, desc, train: bool):
+    """One pass over clip_ids; returns state and (mean loss, accuracy, clips, seconds)."""
     t0 = time.perf_counter()
     order_rng = np.random.default_rng(rng) if train else None
-    host = ((idx, mask, inputs(clip_ids[local_rows(idx)[0]])) for idx, mask in
-            batches(len(clip_ids), cfg.batch_size, mesh.size, order_rng))
+    plan = list(batches(len(clip_ids), cfg.batch_size, mesh.size, order_rng))
+    if inputs.acts is not None:
+        idx = np.stack([clip_ids[i] for i, _ in plan]).astype(np.int32)
+        mask = np.stack([m for _, m in plan])
+        first = int(state.step)
+        scan = steps.train_scan if train else steps.eval_scan
+        state, per_step = scan(state, inputs.on_device(mesh), idx, mask)
+        per_step = np.asarray(per_step)
+        bad = np.flatnonzero(~np.isfinite(per_step[:, 0]))
+        if train and len(bad):
+            raise _diverged(first + int(bad[0]) + 1, desc)
+        totals = per_step.sum(0)
+    else:
+        state, totals = _host_fed_epoch(steps, state, inputs, clip_ids, plan, cfg, mesh, desc, train)
+    t = totals
+    return state, (float(t[0] / max(t[2], 1)), float(t[1] / max(t[2], 1)), int(t[2]), time.perf_counter() - t0)
+
+
+def _host_fed_epoch(steps: Steps, state, inputs: Inputs, clip_ids, plan, cfg, mesh, desc, train: bool):
+    from tqdm.auto import tqdm
+
+    host = ((idx, mask, inputs(clip_ids[local_rows(idx)[0]])) for idx, mask in plan)
     totals, first_bad = jnp.zeros(3), jnp.asarray(-1)
-    n_batches = -(-len(clip_ids) // cfg.batch_size)
     show = cfg.progress and is_main_process()
-    with tqdm(total=n_batches, desc=desc, unit="batch", disable=not show, leave=False) as bar:
+    with tqdm(total=len(plan), desc=desc, unit="batch", disable=not show, leave=False) as bar:
         for i, (idx, mask, x) in enumerate(prefetch(host)):
             idx, mask = local_rows(idx, mask)
-            batch = global_batch(mesh, {"x": x, "y": y[clip_ids[idx]].astype(np.int32), "mask": mask})
+            y = inputs.prep.y[clip_ids[idx]].astype(np.int32)
+            batch = global_batch(mesh, {"x": x, "y": y, "mask": mask})
             if train:
-                state, metrics = step_fn(state, batch)
+                state, metrics = steps.train(state, batch)
                 bad = ~jnp.isfinite(metrics[0]) & (first_bad < 0)
                 first_bad = jnp.where(bad, state.step, first_bad)  # stays on device: no sync per step
             else:
-                metrics, _ = step_fn(state, batch)
+                metrics, _ = steps.eval(state, batch)
             totals = totals + metrics
             bar.update(1)
-            if show and (i % 10 == 0 or i == n_batches - 1):
+            if show and (i % 10 == 0 or i == len(plan) - 1):
                 t = np.asarray(totals)
                 bar.set_postfix(loss=f"{t[0] / max(t[2], 1):.4f}", acc=f"{t[1] / max(t[2], 1):.3f}")
     if int(first_bad) >= 0:
-        raise FloatingPointError(f"training diverged: non-finite loss at step {int(first_bad)} ({desc}); "
-                                 f"stopped before saving it, the last good checkpoint stays in place")
-    t = np.asarray(totals)
-    return state, (float(t[0] / max(t[2], 1)), float(t[1] / max(t[2], 1)), int(t[2]), time.perf_counter() - t0)
+        raise _diverged(int(first_bad), desc)
+    return state, np.asarray(totals)
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
@@ -509,10 +576,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def init_params(model: Classifier, cfg: TrainConfig, sample_shape, base_variables):
-    variables = model.init(jax.random.PRNGKey(cfg.seed), jnp.zeros(sample_shape, jnp.float32))
+    """Params with the base from `base_variables`, else random (from `--init-seed` when given)."""
+    init = jax.jit(model.init)
+    x = jnp.zeros(sample_shape, jnp.float32)
+    variables = init(jax.random.PRNGKey(cfg.seed), x)
     params = flax.core.unfreeze(variables["params"])
     if base_variables is not None:
         params["base"] = jax.tree.map(jnp.asarray, base_variables["params"])
+    elif cfg.init_seed is not None:
+        params["base"] = flax.core.unfreeze(init(jax.random.PRNGKey(cfg.init_seed), x)["params"]["base"])
     return params, dict(variables.get("norm", {}))
 
 
@@ -625,18 +697,16 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
                 best_params = ckpt.restore(state, "best")[0].params
         state = replicate(mesh, state)
         best_params = best_params if best_params is not None else state.params
-        step_fn = jax.jit(functools.partial(train_step, rng=rng, model=model, cfg=cfg, tx=tx, labels=labels,
-                                            k=k, cached=cached))
-        eval_fn = jax.jit(functools.partial(eval_step, model=model, cfg=cfg, k=k, cached=cached))
+        steps = Steps(model, cfg, tx, labels, k, cached, rng, mesh)
         first = start_epoch if (resumed and stage == start_stage) else 0
         for epoch in range(first, epochs if not plateau.stop(cfg) else first):
             state, (tr_loss, tr_acc, n, secs) = run_epoch(
-                step_fn, state, inputs, prep.train, prep.y, cfg, mesh, [cfg.seed, stage, epoch],
+                steps, state, inputs, prep.train, cfg, mesh, [cfg.seed, stage, epoch],
                 f"stage {stage + 1} epoch {epoch + 1}/{epochs}", train=True)
             val_loss = val_acc = None
             if len(prep.val):
-                _, (val_loss, val_acc, _, _) = run_epoch(eval_fn, state, inputs, prep.val, prep.y, cfg, mesh,
-                                                         None, "validation", train=False)
+                _, (val_loss, val_acc, _, _) = run_epoch(steps, state, inputs, prep.val, cfg, mesh, None,
+                                                         "validation", train=False)
             improved, cut = plateau.update(val_loss if val_loss is not None else tr_loss, cfg)
             if improved:
                 best_params = state.params
@@ -664,9 +734,10 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
 
     test_loss = test_acc = None
     if state is not None and len(prep.test):
-        eval_fn = jax.jit(functools.partial(eval_step, model=model, cfg=cfg, k=stages[-1][0], cached=cached))
-        _, (test_loss, test_acc, _, _) = run_epoch(eval_fn, state, inputs_at(stages[-1][0]), prep.test, prep.y,
-                                                   cfg, mesh, None, "test", train=False)
+        k = stages[-1][0]
+        test_steps = Steps(model, cfg, None, None, k, cached, rng, mesh)
+        _, (test_loss, test_acc, _, _) = run_epoch(test_steps, state, inputs_at(k), prep.test, cfg, mesh, None,
+                                                   "test", train=False)
     summary = {
         "test_accuracy": test_acc, "test_loss": test_loss, "n_test": len(prep.test), "n_train": len(prep.train),
         "n_val": len(prep.val), "classes": prep.classes, "weights": weights_source, "data": prep.data_source,

@@ -120,3 +120,13 @@ def test_synthetic_dataset_is_built_once_and_usable(tmp_path):
     assert synthetic(tmp_path, clips_per_class=3) == root
     ds = discover(root)
     assert detect_layout(root) == "folders" and len(ds.paths) == 12 and len(set(ds.labels)) == 4
+
+
+def test_group_split_can_hold_out_one_named_speaker():
+    y = np.tile(np.arange(2), 30)
+    groups = [f"s{i % 5}" for i in range(60)]
+    train, val, test = split_indices(y, groups, [""] * 60, "group", 0.2, 0.2, 0, ["a", "b"], test_group="s3")
+    g = np.asarray(groups)
+    assert set(g[test]) == {"s3"} and "s3" not in set(g[np.concatenate([train, val])])
+    with pytest.raises(DataError, match="'s9' is not a group"):
+        split_indices(y, groups, [""] * 60, "group", 0.2, 0.2, 0, ["a", "b"], test_group="s9")
