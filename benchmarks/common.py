@@ -52,6 +52,17 @@ LOGMEL_8K = {"representation": "logmel", "sample_rate": 8000, "n_fft": 512, "win
 LINEAR_TAPS = {"taps": "3,4,5", "pooling": "avgmax", "normalize": True, "hidden": 0, "weight_decay": 1e-4,
                "epochs": 100, "patience": 10, "plateau_patience": 4}
 
+CONFIGS = {
+    "seed": SEED_RECIPE,
+    "seed+zscore": {"normalize": True},
+    "seed+zscore+40ep": {"normalize": True, "epochs": 40, "patience": 6},
+    "mfcc-stretch+zscore": {"normalize": True, "fit": "stretch"},
+    "taps345-linear": LINEAR_TAPS,
+    "taps345-linear+logmel8k": {**LINEAR_TAPS, **LOGMEL_8K},
+    "taps345-mlp+logmel8k": {**LINEAR_TAPS, **LOGMEL_8K, "hidden": 256, "dropout": 0.3},
+    "taps345-linear+mfcc-delta": {**LINEAR_TAPS, "representation": "mfcc-delta", "fit": "stretch"},
+}
+
 
 def run_config(overrides: dict, seed: int, size: int, weights: str, data: Path = FSDD, **extra) -> dict:
     """One training run of jaxtl on `data` with `overrides`; returns its summary."""

@@ -107,9 +107,9 @@ def run_peer(peer: str, mode: str, batch: int, size: int, steps: int, python: st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", default="32", help="one or more, comma-separated")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--dtype", default="float32", choices=tuple(T.DTYPES))
+    ap.add_argument("--dtype", default="float32", help="float32 and/or bfloat16, comma-separated")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--peers", default="keras-tf,keras-jax,torch",
@@ -119,29 +119,31 @@ def main() -> None:
     args = ap.parse_args()
     peer_python = args.peer_python or next(
         (p for p in (".venv-peers/bin/python",) if Path(p).exists()), sys.executable)
-    ceiling = matmul_ceiling(args.dtype)
-    rows = []
-    for name in args.modes.split(","):
-        r = time_mode(name, args.batch, args.size, args.dtype, args.steps)
-        r["fraction_of_ceiling"] = r["flops_per_s"] / ceiling if r["flops_per_s"] else None
-        for peer in filter(None, args.peers.split(",")):
-            if name in PEER_MODES:
-                p = run_peer(peer, PEER_MODES[name], args.batch, args.size, args.steps,
-                             peer_python if peer != "keras-jax" else sys.executable)
-                r[peer] = p
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-    m = machine()
     peers = [p for p in args.peers.split(",") if p]
-    head = "| mode | compile s | step ms | images/s | GFLOP/step | TFLOP/s | % of ceiling |" + "".join(
+    rows, ceilings = [], {}
+    for dtype in args.dtype.split(","):
+        ceilings[dtype] = matmul_ceiling(dtype)
+        for batch in (int(b) for b in args.batch.split(",")):
+            for name in args.modes.split(","):
+                r = time_mode(name, batch, args.size, dtype, args.steps)
+                r.update(batch=batch, dtype=dtype)
+                r["fraction_of_ceiling"] = r["flops_per_s"] / ceilings[dtype] if r["flops_per_s"] else None
+                for peer in peers:
+                    if name in PEER_MODES and dtype == "float32":
+                        r[peer] = run_peer(peer, PEER_MODES[name], batch, args.size, args.steps,
+                                           peer_python if peer != "keras-jax" else sys.executable)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    m = machine()
+    head = "| batch | dtype | mode | compile s | step ms | images/s | GFLOP/step | TFLOP/s | % of ceiling |" + "".join(
         f" {p} step ms | jaxtl speed-up vs {p} |" for p in peers)
-    lines = [f"Step time, batch {args.batch}, {args.size}x{args.size}, {args.dtype}; {m['device']} "
-             f"({m['cpu']}, {m['cores']} cores); jax {m['jax']}; matmul ceiling {ceiling / 1e12:.3f} TFLOP/s\n",
-             head, "|" + " --- |" * (7 + 2 * len(peers))]
+    lines = [f"Step time, {args.size}x{args.size}; {m['device']} ({m['cpu']}, {m['cores']} cores); jax {m['jax']}; "
+             "matmul ceiling " + ", ".join(f"{d} {c / 1e12:.3f} TFLOP/s" for d, c in ceilings.items()) + "\n",
+             head, "|" + " --- |" * (9 + 2 * len(peers))]
     for r in rows:
-        cells = [r["mode"], f"{r['compile_s']:.1f}", f"{r['step_s'] * 1e3:.1f}", f"{r['images_per_s']:.1f}",
-                 f"{(r['flops_per_step'] or 0) / 1e9:.1f}", f"{(r['flops_per_s'] or 0) / 1e12:.3f}",
-                 f"{100 * (r['fraction_of_ceiling'] or 0):.0f}"]
+        cells = [str(r["batch"]), r["dtype"], r["mode"], f"{r['compile_s']:.1f}", f"{r['step_s'] * 1e3:.1f}",
+                 f"{r['images_per_s']:.1f}", f"{(r['flops_per_step'] or 0) / 1e9:.1f}",
+                 f"{(r['flops_per_s'] or 0) / 1e12:.3f}", f"{100 * (r['fraction_of_ceiling'] or 0):.0f}"]
         for p in peers:
             peer = r.get(p)
             if not peer:
@@ -151,9 +153,9 @@ def main() -> None:
             else:
                 cells += [f"{peer['step_s'] * 1e3:.1f}", f"{peer['step_s'] / r['step_s']:.1f}x"]
         lines.append("| " + " | ".join(cells) + " |")
-    write_results(f"step_time-b{args.batch}-s{args.size}-{args.dtype}",
-                  {"args": vars(args), "machine": m, "ceiling_flops_per_s": ceiling, "rows": rows},
-                  "\n".join(lines) + "\n", args.out)
+    tag = f"b{args.batch.replace(',', '-')}-s{args.size}-{args.dtype.replace(',', '-')}"
+    write_results(f"step_time-{tag}", {"args": vars(args), "machine": m, "ceiling_flops_per_s": ceilings,
+                                       "rows": rows}, "\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

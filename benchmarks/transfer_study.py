@@ -18,18 +18,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import FSDD, HED, LINEAR_TAPS, LOGMEL_8K, SEED_RECIPE, machine, run_config, write_results  # noqa: E402
-
-CONFIGS = {
-    "seed": SEED_RECIPE,
-    "seed+zscore": {"normalize": True},
-    "seed+zscore+40ep": {"normalize": True, "epochs": 40, "patience": 6},
-    "mfcc-stretch+zscore": {"normalize": True, "fit": "stretch"},
-    "taps345-linear": LINEAR_TAPS,
-    "taps345-linear+logmel8k": {**LINEAR_TAPS, **LOGMEL_8K},
-    "taps345-mlp+logmel8k": {**LINEAR_TAPS, **LOGMEL_8K, "hidden": 256, "dropout": 0.3},
-    "taps345-linear+mfcc-delta": {**LINEAR_TAPS, "representation": "mfcc-delta", "fit": "stretch"},
-}
+from common import CONFIGS, FSDD, HED, machine, run_config, write_results  # noqa: E402
 
 
 def main() -> None:

@@ -1,5 +1,8 @@
 """Decoding, resampling, and batched MFCC / log-mel features.
 
+librosa, soundfile and soxr are imported where used, so the model, training and benchmarks run on
+machines that hold cached features but no audio stack (the GPU image, say).
+
 Clips of a batch are zero-padded to a common length and go through librosa as one 2-D array
 (librosa computes over leading axes). This equals per-clip librosa because librosa's STFT pads with
 zeros (`pad_mode="constant"`), so a clip's own frames see the same samples either way; the dB step,
@@ -14,11 +17,7 @@ import os
 import warnings
 from dataclasses import asdict, dataclass
 
-import librosa
 import numpy as np
-import scipy.fft
-import soundfile as sf
-import soxr
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 REPRESENTATIONS = ("mfcc", "mfcc-delta", "logmel")
@@ -65,6 +64,9 @@ class FeatureConfig:
 
 def load_audio(path: str, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
     """Mono float32 at `sample_rate`; reads at most `max_seconds`. Raises BadAudio for unusable files."""
+    import soundfile as sf
+    import soxr
+
     ext = os.path.splitext(path)[1].lower()
     if ext not in AUDIO_EXTENSIONS:
         raise BadAudio(path, f"unsupported extension {ext or '(none)'}; use one of {', '.join(AUDIO_EXTENSIONS)}")
@@ -80,6 +82,8 @@ def load_audio(path: str, sample_rate: int, max_seconds: float | None = None) ->
             frames = -1 if max_seconds is None else int(max_seconds * native)
             y = f.read(frames=frames, dtype="float32", always_2d=True)
     except Exception as sf_error:  # soundfile lacks some formats (old mp3 builds): try librosa's loader
+        import librosa
+
         try:
             with warnings.catch_warnings():  # librosa warns about its deprecated audioread path
                 warnings.simplefilter("ignore")
@@ -131,6 +135,9 @@ def _deltas(x: np.ndarray, lengths: np.ndarray, width: int = 9) -> np.ndarray:
 
 def features_batch(clips: list[np.ndarray], cfg: FeatureConfig) -> list[np.ndarray]:
     """Per-clip (C, F, T_i) features for a list of clips, computed as one padded batch."""
+    import librosa
+    import scipy.fft
+
     lengths = np.array([n_frames(len(c), cfg.hop_length) for c in clips])
     mel = librosa.feature.melspectrogram(
         y=_pad_stack(clips), sr=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length,

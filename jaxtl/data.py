@@ -155,19 +155,18 @@ def subset(y: np.ndarray, max_clips: int | None, seed: int, classes) -> np.ndarr
     return np.sort(kept)
 
 
-def split_indices(y: np.ndarray, groups: list[str], given: list[str], method: str, test_size: float,
-                  val_size: float, seed: int, classes, val_method: str = "stratified", test_group: str | None = None):
-    """(train, val, test) index arrays into y.
+def test_split(y: np.ndarray, groups: list[str], given: list[str], method: str, test_size: float, seed: int,
+               classes, test_group: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) index arrays into y.
 
     `method="group"` holds out `test_group` (e.g. one speaker), or a random `test_size` of the groups.
-    `val_method="tail"` takes the last `val_size` of the training part, as Keras' `validation_split`.
     """
     idx = np.arange(len(y))
     groups = np.asarray(groups)
     if method == "stratified":
         check_stratifiable(y, classes, "dataset")
-        train, test = train_test_split(idx, test_size=test_size, stratify=y, random_state=seed)
-    elif method == "group":
+        return tuple(train_test_split(idx, test_size=test_size, stratify=y, random_state=seed))
+    if method == "group":
         if len(set(groups)) < 2:
             raise DataError("group split needs at least 2 groups (speakers); this dataset has "
                             f"{len(set(groups))}: use --split stratified")
@@ -175,24 +174,35 @@ def split_indices(y: np.ndarray, groups: list[str], given: list[str], method: st
             if test_group not in set(groups):
                 raise DataError(f"--test-group {test_group!r} is not a group of this dataset "
                                 f"({sorted(set(groups))})")
-            train, test = idx[groups != test_group], idx[groups == test_group]
-        else:
-            gss = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
-            train, test = next(gss.split(idx, y, groups))
-    elif method in ("fsdd", "manifest"):
+            return idx[groups != test_group], idx[groups == test_group]
+        gss = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
+        return next(gss.split(idx, y, groups))
+    if method in ("fsdd", "manifest"):
         given = np.asarray(given)
-        train, test = idx[given != "test"], idx[given == "test"]
-        if len(test) == 0:
+        if not (given == "test").any():
             raise DataError(f"--split {method}: the dataset marks no clip as test")
-    else:
-        raise DataError(f"unknown split {method!r}: use one of {SPLITS}")
+        return idx[given != "test"], idx[given == "test"]
+    raise DataError(f"unknown split {method!r}: use one of {SPLITS}")
+
+
+def validation_split(y: np.ndarray, train: np.ndarray, val_size: float, seed: int, classes,
+                     method: str = "stratified") -> tuple[np.ndarray, np.ndarray]:
+    """(fit, val) subsets of `train`; `method="tail"` takes its last `val_size`, as Keras' `validation_split`."""
     if val_size <= 0:
-        return train, train[:0], test
-    if val_method == "tail":
+        return train, train[:0]
+    if method == "tail":
         n_val = int(round(len(train) * val_size))
-        return train[:len(train) - n_val], train[len(train) - n_val:], test
+        return train[:len(train) - n_val], train[len(train) - n_val:]
     check_stratifiable(y[train], classes, "training split")
     fit, val = train_test_split(train, test_size=val_size, stratify=y[train], random_state=seed)
+    return fit, val
+
+
+def split_indices(y: np.ndarray, groups: list[str], given: list[str], method: str, test_size: float,
+                  val_size: float, seed: int, classes, val_method: str = "stratified", test_group: str | None = None):
+    """(fit, val, test) index arrays into y: `test_split`, then `validation_split` of its training part."""
+    train, test = test_split(y, groups, given, method, test_size, seed, classes, test_group)
+    fit, val = validation_split(y, train, val_size, seed, classes, val_method)
     return fit, val, test
 
 

@@ -193,10 +193,40 @@ def test_resume_without_a_run_and_rerun_into_a_used_directory(cfg, capsys, tmp_p
 
 
 def test_help_documents_every_setting():
-    text = T.build_parser().format_help()
+    text = " ".join(T.build_parser().format_help().split())
     for f in dataclasses.fields(T.TrainConfig):
         assert "--" + f.name.replace("_", "-") in text
-    assert "(default: 10)" in text and "(default: 32)" in text and "(default: 0.001)" in text
+    assert "seed recipe: 10)" in text and "(default: 32)" in text and "(default: 0.001)" in text
+
+
+SEED_SETTINGS = {  # the Keras recipe as written
+    "representation": "mfcc", "sample_rate": 22050, "n_mfcc": 13, "n_fft": 2048, "hop_length": 512, "n_mels": 128,
+    "image_size": 224, "fit": "pad", "preprocess": "unit", "mode": "frozen", "taps": "5", "pooling": "flatten",
+    "hidden": 256, "dropout": 0.0, "normalize": False, "epochs": 10, "batch_size": 32, "lr": 1e-3,
+    "base_lr": 1e-5, "val_size": 0.2, "test_size": 0.2, "split": "stratified", "seed": 42, "patience": 3,
+    "plateau_patience": 2, "plateau_factor": 0.5, "finetune_convs": 3, "weight_decay": 0.0,
+}
+
+
+def test_recipe_seed_reproduces_the_seed_settings(tmp_path):
+    cfg = T.config_from_args(["--recipe", "seed"])
+    assert cfg.recipe == "seed"
+    assert {k: getattr(cfg, k) for k in SEED_SETTINGS} == SEED_SETTINGS
+    assert T.config_from_args(["--recipe", "seed", "--epochs", "3"]).epochs == 3
+
+
+def test_default_recipe_is_jaxtl_and_flags_override_it():
+    cfg = T.config_from_args([])
+    assert cfg.recipe == "jaxtl" and cfg.normalize and cfg.taps == "3,4,5"
+    assert {k: getattr(cfg, k) for k in T.RECIPES["jaxtl"]} == T.RECIPES["jaxtl"]
+    assert T.config_from_args(["--no-normalize", "--taps", "5"]).normalize is False
+
+
+def test_resume_takes_the_saved_config_and_only_the_flags_given(cfg, tmp_path):
+    Path(cfg.out).mkdir(parents=True)
+    Path(cfg.out, "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    resumed = T.config_from_args(["--resume", "--out", cfg.out, "--epochs", "7"])
+    assert resumed == dataclasses.replace(cfg, resume=True, epochs=7)
 
 
 KILL_MID_SAVE = textwrap.dedent("""

@@ -1,0 +1,97 @@
+"""The seed's "Performance Benchmarks" table measured for real: test accuracy against training-set size.
+
+    python benchmarks/data_size.py [--config NAME] [--sizes 50,100,500,1000,all] [--seeds 3]
+                                   [--modes frozen:112,finetune:32,scratch:32] [--scratch-max 500]
+
+One fixed stratified test set (500 FSDD clips, split seed 0); for each size a stratified training subset
+per seed (80/20 fit/validation inside it). Modes run at the image size given after the colon: on this
+2-core machine a VGG16 pass at 224x224 runs about 5 images/s, so fine-tuning and training from scratch
+use small images (and scratch stops at --scratch-max clips); the table says which size each row used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import CONFIGS, FSDD, HED, RESULTS, machine, run_config, write_results  # noqa: E402
+
+SEED_CLAIMS = {50: "75-85 %", 100: "80-90 %", 500: "88-95 %", 1000: "92-98 %", "all": "92-98 %"}
+GOALS = {50: 85, 100: 90, 500: 96, 1000: 99, "all": 99}
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({(r["mode"], r["weights"], r["size"]) for r in rows}):
+        pts = sorted((r["n_train"], 100 * r["mean"], 100 * r["std"]) for r in rows
+                     if (r["mode"], r["weights"], r["size"]) == key)
+        x, y, e = zip(*pts)
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"{key[0]} ({key[1]}, {key[2]}px)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training clips (fit + validation)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("FSDD digits: accuracy vs training-set size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="taps345-linear+logmel8k", choices=tuple(CONFIGS))
+    ap.add_argument("--sizes", default="50,100,500,1000,all")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--modes", default="frozen:112,finetune:32,scratch:32")
+    ap.add_argument("--weights", default=f"{HED},random")
+    ap.add_argument("--scratch-max", type=int, default=500)
+    args = ap.parse_args()
+    if not FSDD.is_dir():
+        sys.exit(f"error: FSDD not found at {FSDD}")
+    rows = []
+    for spec in args.modes.split(","):
+        mode, size = spec.split(":")
+        for weights in (["random"] if mode == "scratch" else args.weights.split(",")):
+            for n in args.sizes.split(","):
+                n_clips = None if n == "all" else int(n)
+                if mode == "scratch" and (n_clips is None or n_clips > args.scratch_max):
+                    continue
+                accs, n_train = [], None
+                for seed in range(args.seeds):
+                    s = run_config(CONFIGS[args.config], seed, int(size), weights, mode=mode, split_seed=0,
+                                   train_clips=n_clips, epochs=100 if mode == "frozen" else 30)
+                    accs.append(s["test_accuracy"])
+                    n_train = s["n_train"] + s["n_val"]
+                row = {"mode": mode, "size": int(size), "weights": "HED" if weights.endswith(".h5") else weights,
+                       "clips": n, "n_train": n_train, "accuracies": accs, "mean": float(np.mean(accs)),
+                       "std": float(np.std(accs))}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    m = machine()
+    lines = [f"Accuracy vs training-set size, FSDD, config `{args.config}`, fixed 500-clip test set, "
+             f"{args.seeds} seeds; {m['cpu']}, {m['cores']} cores\n",
+             "| training clips | mode | image | weights | test accuracy (mean ± std) | seed claims | goal |",
+             "| ---: | --- | ---: | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        key = r["clips"] if r["clips"] == "all" else int(r["clips"])
+        lines.append(f"| {r['n_train']} | {r['mode']} | {r['size']} | {r['weights']} | {100 * r['mean']:.1f} ± "
+                     f"{100 * r['std']:.1f} % | {SEED_CLAIMS.get(key, '')} | {GOALS.get(key, '')} % |")
+    stem = write_results(f"data_size-{args.config}", {"args": vars(args), "rows": rows, "machine": m},
+                         "\n".join(lines) + "\n")
+    plot(rows, stem.with_suffix(".png"))
+    print(f"plot: {stem.with_suffix('.png')} ({RESULTS})")
+
+
+if __name__ == "__main__":
+    main()
