@@ -157,13 +157,31 @@ def features_batch(clips: list[np.ndarray], cfg: FeatureConfig) -> list[np.ndarr
     return [f[..., :n].astype(np.float32) for f, n in zip(feats, lengths)]
 
 
-def file_features(paths: list[str], cfg: FeatureConfig) -> tuple[list[np.ndarray | None], list[BadAudio]]:
-    """Features of files, batched by similar length; unusable files come back as None plus their error."""
+Perturbation = tuple[float, float]  # (pitch shift in semitones, tempo rate): an offline augmentation copy
+
+
+def perturb_audio(y: np.ndarray, sample_rate: int, perturbation: Perturbation) -> np.ndarray:
+    """A time-stretched, pitch-shifted copy of a clip (librosa's phase vocoder and resampling)."""
+    import librosa
+
+    pitch, rate = perturbation
+    if rate != 1.0:
+        y = librosa.effects.time_stretch(y, rate=rate)
+    if pitch:
+        y = librosa.effects.pitch_shift(y, sr=sample_rate, n_steps=pitch)
+    return y.astype(np.float32)
+
+
+def file_features(paths: list[str], cfg: FeatureConfig, perturb: list[Perturbation | None] | None = None
+                  ) -> tuple[list[np.ndarray | None], list[BadAudio]]:
+    """Features of files (optionally of perturbed copies), batched by similar length; unusable files come
+    back as None plus their error."""
     clips: list[np.ndarray | None] = []
     errors = []
-    for p in paths:
+    for p, pert in zip(paths, perturb or [None] * len(paths)):
         try:
-            clips.append(load_audio(p, cfg.sample_rate, cfg.max_seconds))
+            y = load_audio(p, cfg.sample_rate, cfg.max_seconds)
+            clips.append(y if pert is None else perturb_audio(y, cfg.sample_rate, pert))
         except BadAudio as e:
             clips.append(None)
             errors.append(e)
@@ -182,7 +200,8 @@ def _file_features_chunk(args):
 
 
 def extract(paths: list[str], cfg: FeatureConfig, workers: int | None = None, progress: bool = True,
-            chunk: int = 64) -> tuple[list[np.ndarray | None], list[BadAudio]]:
+            chunk: int = 64, perturb: list[Perturbation | None] | None = None
+            ) -> tuple[list[np.ndarray | None], list[BadAudio]]:
     """`file_features` over many files, spread over processes.
 
     Workers fork from a fresh server process that has imported this module once (JAX's threads make a
@@ -194,18 +213,19 @@ def extract(paths: list[str], cfg: FeatureConfig, workers: int | None = None, pr
     from tqdm.auto import tqdm
 
     workers = workers or os.cpu_count() or 1
-    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    perturb = perturb or [None] * len(paths)
+    chunks = [(paths[i:i + chunk], perturb[i:i + chunk]) for i in range(0, len(paths), chunk)]
     bar = tqdm(total=len(paths), desc="features", unit="clip", disable=not progress, leave=False)
     results = []
     if workers == 1 or len(chunks) == 1:
-        for c in chunks:
-            results.append(file_features(c, cfg))
+        for c, pc in chunks:
+            results.append(file_features(c, cfg, pc))
             bar.update(len(c))
     else:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["jaxtl.audio_worker"])
         with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as pool:
-            for c, r in zip(chunks, pool.map(_file_features_chunk, [(c, cfg) for c in chunks])):
+            for (c, _), r in zip(chunks, pool.map(_file_features_chunk, [(c, cfg, pc) for c, pc in chunks])):
                 results.append(r)
                 bar.update(len(c))
     bar.close()

@@ -18,13 +18,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from jaxtl.audio import BadAudio, FeatureConfig, extract
+from jaxtl.audio import BadAudio, FeatureConfig, Perturbation, extract
 
 
-def file_key(path: str) -> str:
-    """Identity of a file's content as cheaply as possible: absolute path, size, modification time."""
+def file_key(path: str, perturbation: Perturbation | None = None) -> str:
+    """Identity of a clip as cheaply as possible: absolute path, size, modification time (and the
+    perturbation of an augmentation copy)."""
     st = os.stat(path)
-    return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    extra = "" if perturbation is None else f"|{perturbation[0]:.6f}|{perturbation[1]:.6f}"
+    return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}{extra}".encode()).hexdigest()
 
 
 class FeatureCache:
@@ -69,24 +71,27 @@ class FeatureCache:
 
 
 def cached_features(paths: list[str], cfg: FeatureConfig, cache_dir: str | os.PathLike | None,
-                    workers: int | None = None, progress: bool = True):
+                    workers: int | None = None, progress: bool = True,
+                    perturb: list[Perturbation | None] | None = None):
     """Features for `paths` (None where a file is bad), the BadAudio errors, and (hits, misses)."""
+    perturb = perturb or [None] * len(paths)
     if cache_dir is None:
-        feats, errors = extract(paths, cfg, workers, progress)
+        feats, errors = extract(paths, cfg, workers, progress, perturb=perturb)
         return feats, errors, (0, len(paths))
     cache = FeatureCache(cache_dir, cfg)
     stored = cache.load()
     keys, errors = [], []
-    for p in paths:
+    for p, pert in zip(paths, perturb):
         try:
-            keys.append(file_key(p))
+            keys.append(file_key(p, pert))
         except OSError as e:
             keys.append(None)
             errors.append(BadAudio(p, f"cannot read ({e.strerror})"))
     todo = [i for i, k in enumerate(keys) if k is not None and k not in stored]
     feats = [stored.get(k) if k is not None else None for k in keys]
     if todo:
-        new, new_errors = extract([paths[i] for i in todo], cfg, workers, progress)
+        new, new_errors = extract([paths[i] for i in todo], cfg, workers, progress,
+                                  perturb=[perturb[i] for i in todo])
         errors += new_errors
         for i, f in zip(todo, new):
             feats[i] = f
@@ -108,35 +113,38 @@ def fingerprint(*parts) -> str:
 
 
 class ActivationCache:
-    """Frozen-prefix activations of a set of clips, one HDF5 file per (weights, split, settings, clips) key.
+    """Frozen-prefix outputs per clip, one HDF5 file per (prefix weights, split point, settings) key.
 
-    Computing VGG16's prefix on every clip is the most expensive thing a frozen run does; keeping it on
-    disk lets a second run (another head, seed or learning rate) skip it entirely.
+    Computing VGG16's prefix is the most expensive thing a frozen run does; kept on disk per clip, a
+    second run (another head, seed, subset or learning rate) pays only for clips it has not seen.
     """
 
     def __init__(self, directory: str | os.PathLike, key: str):
         self.path = Path(directory) / f"prefix-{key}.h5"
 
-    def load(self) -> dict[str, np.ndarray] | None:
+    def load(self) -> tuple[list[str], dict[str, np.ndarray]]:
         try:
             with h5py.File(self.path, "r") as f:
                 if not f.attrs.get("complete"):
-                    return None
-                return {name: f[name][:].view(ml_bfloat16()) if f[name].attrs.get("bfloat16") else f[name][:]
-                        for name in f}
+                    return [], {}
+                keys = [k.decode() for k in f["keys"][:]]
+                acts = {name: f["acts"][name][:] for name in f["acts"]}
+                return keys, {n: a.view(ml_bfloat16()) if f["acts"][n].attrs.get("bfloat16") else a
+                              for n, a in acts.items()}
         except (OSError, KeyError):
-            return None
+            return [], {}
 
-    def store(self, acts: dict[str, np.ndarray]) -> None:
+    def store(self, keys: list[str], acts: dict[str, np.ndarray]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".h5.tmp")
         os.close(fd)
         try:
             with h5py.File(tmp, "w") as f:
+                f["keys"] = np.array([k.encode() for k in keys])
                 for name, a in acts.items():
                     bf16 = a.dtype == ml_bfloat16()
-                    f[name] = a.view(np.uint16) if bf16 else a
-                    f[name].attrs["bfloat16"] = bf16
+                    f[f"acts/{name}"] = a.view(np.uint16) if bf16 else a
+                    f[f"acts/{name}"].attrs["bfloat16"] = bf16
                 f.flush()
                 f.attrs["complete"] = True
             os.replace(tmp, self.path)

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,9 @@ class TrainConfig:
     time_shift: int = _f(0, "random circular time shift of up to this many image columns")
     time_mask: int = _f(0, "SpecAugment time mask of up to this many columns")
     freq_mask: int = _f(0, "SpecAugment frequency mask of up to this many rows")
+    augment_copies: int = _f(0, "offline: pitch-shifted, time-stretched copies of each training clip (cached)")
+    pitch_shift: float = _f(2.0, "largest pitch shift of a copy, in semitones")
+    time_stretch: float = _f(0.1, "largest tempo change of a copy (0.1: rates 0.9 to 1.1)")
     # run
     seed: int = _f(42, "seed of splits, init, shuffling and augmentation")
     init_seed: int | None = _f(None, "seed of a random base's init alone (default: --seed)")
@@ -345,7 +349,8 @@ def eval_step(state: TrainState, batch, *, model, cfg, k, cached):
 
 @dataclass
 class Prepared:
-    paths: list[str]
+    paths: list[str]  # per clip; an augmentation copy repeats its source's path
+    keys: list[str]  # per clip: identity of its audio (file, and perturbation for a copy)
     feats: RaggedFeatures
     y: np.ndarray
     classes: list[str]
@@ -371,8 +376,31 @@ def resolve_data(cfg: TrainConfig, log: Callable = print) -> str:
         return str(root)
 
 
+def _features(paths, cfg: TrainConfig, perturb=None):
+    """Features through the cache; process 0 fills it, the others then read it."""
+    if not is_main_process():
+        barrier("features")
+    out = cached_features(paths, cfg.features(), cfg.cache_dir or None, cfg.workers,
+                          cfg.progress and is_main_process(), perturb)
+    if is_main_process():
+        barrier("features")
+    return out
+
+
+def augmentation_copies(paths: list[str], cfg: TrainConfig) -> list[tuple[int, tuple[float, float]]]:
+    """(source clip, (semitones, tempo rate)) of every offline copy; fixed per file, so the caches reuse them."""
+    copies = []
+    for i, path in enumerate(paths):
+        for j in range(cfg.augment_copies):
+            rng = np.random.default_rng([j, zlib.crc32(os.path.basename(path).encode())])
+            copies.append((i, (float(rng.uniform(-cfg.pitch_shift, cfg.pitch_shift)),
+                               float(rng.uniform(1 - cfg.time_stretch, 1 + cfg.time_stretch)))))
+    return copies
+
+
 def prepare(cfg: TrainConfig, log: Callable = print) -> Prepared:
-    """Files -> features -> labels -> splits, with bad files handled as `--on-bad-file` says."""
+    """Files -> features -> labels -> splits (+ augmentation copies of training clips), with bad files
+    handled as `--on-bad-file` says."""
     source = resolve_data(cfg, log)
     ds = discover(source, cfg.layout)
     classes = list(ds.encoder().classes_)
@@ -382,27 +410,32 @@ def prepare(cfg: TrainConfig, log: Callable = print) -> Prepared:
     bad = list(ds.bad)
     if bad and cfg.on_bad_file == "error":
         raise DataError(f"{bad[0]} (use --on-bad-file skip to go on without it)")
-    if not is_main_process():  # process 0 fills the feature cache, the others read it
-        barrier("features")
-    feats, errors, (hits, misses) = cached_features(paths, cfg.features(), cfg.cache_dir or None, cfg.workers,
-                                                    cfg.progress and is_main_process())
-    if is_main_process():
-        barrier("features")
+    feats, errors, (hits, misses) = _features(paths, cfg)
     log(f"features: {len(paths)} clips ({hits} from cache, {misses} computed) from {source} [{ds.layout}]")
     if errors and cfg.on_bad_file == "error":
         raise DataError(f"{errors[0]} (use --on-bad-file skip to go on without it)")
     ok = [i for i, f in enumerate(feats) if f is not None]
+    paths, feats = [paths[i] for i in ok], [feats[i] for i in ok]
     y = y_all[keep][ok]
     groups = [ds.groups[keep[i]] for i in ok]
     given = [ds.splits[keep[i]] for i in ok]
-    method = cfg.split
     split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    train, test = test_split(y, groups, given, method, cfg.test_size, split_seed, classes, cfg.test_group)
+    train, test = test_split(y, groups, given, cfg.split, cfg.test_size, split_seed, classes, cfg.test_group)
     if cfg.train_clips is not None:
         train = train[subset(y[train], cfg.train_clips, cfg.seed, classes)]
     train, val = validation_split(y, train, cfg.val_size, cfg.seed, classes, cfg.val_method)
-    return Prepared([paths[i] for i in ok], RaggedFeatures.from_list([feats[i] for i in ok]), y, classes,
-                    train, val, test, bad + errors, source)
+    keys = [file_key(p) for p in paths]
+    if cfg.augment_copies:
+        copies = augmentation_copies([paths[i] for i in train], cfg)
+        sources = [int(train[i]) for i, _ in copies]
+        extra, extra_errors, (hits, misses) = _features([paths[i] for i in sources], cfg, [p for _, p in copies])
+        log(f"augmentation: {len(copies)} pitch/tempo copies of training clips ({hits} from cache)")
+        if extra_errors:
+            raise DataError(f"augmentation failed: {extra_errors[0]}")
+        train = np.concatenate([train, len(paths) + np.arange(len(copies))])
+        keys += [file_key(paths[i], p) for i, (_, p) in zip(sources, copies)]
+        paths, feats, y = paths + [paths[i] for i in sources], feats + extra, np.concatenate([y, y[sources]])
+    return Prepared(paths, keys, RaggedFeatures.from_list(feats), y, classes, train, val, test, bad + errors, source)
 
 
 def image_batch(feats: RaggedFeatures, idx: np.ndarray, cfg: TrainConfig) -> np.ndarray:
@@ -458,8 +491,9 @@ def _host_inputs(out: dict):
     return {name: a for name, a in out.items() if a is not None}
 
 
-def compute_prefix(model, params, prep: Prepared, cfg: TrainConfig, k: int, mesh, desc: str) -> dict:
-    """Split-point inputs at k for every clip, computed once (forward only, jitted)."""
+def compute_prefix(model, params, prep: Prepared, cfg: TrainConfig, k: int, mesh, desc: str,
+                   ids: np.ndarray | None = None) -> dict:
+    """Split-point inputs at k for the clips `ids` (default: all), computed once (forward only, jitted)."""
     from tqdm.auto import tqdm
 
     @jax.jit
@@ -467,10 +501,11 @@ def compute_prefix(model, params, prep: Prepared, cfg: TrainConfig, k: int, mesh
         x = imagelib.preprocess(imagelib.decode(x), cfg.preprocess)
         return _host_inputs(model.apply({"params": params}, x, k, method=Classifier.prefix))
 
-    n = len(prep.y)
+    ids = np.arange(len(prep.y)) if ids is None else ids
+    n = len(ids)
     out: dict[str, np.ndarray] = {}
     size = cfg.batch_size * 2
-    batch_iter = ((idx, mask, image_batch(prep.feats, local_rows(idx)[0], cfg)) for idx, mask in
+    batch_iter = ((idx, mask, image_batch(prep.feats, ids[local_rows(idx)[0]], cfg)) for idx, mask in
                   batches(n, size, mesh.size, None))
     with tqdm(total=n, desc=desc, unit="clip", disable=not cfg.progress or not is_main_process(), leave=False) as bar:
         for idx, mask, x in prefetch(batch_iter):  # each process computes its rows; all receive every row
@@ -483,26 +518,36 @@ def compute_prefix(model, params, prep: Prepared, cfg: TrainConfig, k: int, mesh
 
 
 def prefix_activations(model, params, prep: Prepared, cfg: TrainConfig, k: int, mesh, log: Callable) -> dict:
-    """`compute_prefix`, kept on disk keyed by the prefix weights, settings and clips, so reruns skip it."""
+    """`compute_prefix`, kept on disk per clip and keyed by the prefix weights and settings, so a rerun
+    computes only clips it has not seen."""
     if not cfg.cache_dir:
         return compute_prefix(model, params, prep, cfg, k, mesh, "frozen prefix")
     weights = [np.asarray(leaf) for name in CONV_NAMES[:k] for leaf in jax.tree.leaves(params["base"][name])]
     key = fingerprint(cfg.features().key(), cfg.image_size, cfg.fit, cfg.preprocess, cfg.image_dtype, cfg.dtype, k,
-                      cfg.taps,
-                      cfg.pooling, [file_key(p) for p in prep.paths], *weights)
+                      cfg.taps, cfg.pooling, *weights)
     store = ActivationCache(cfg.cache_dir, key)
-    acts = store.load()
-    if acts is not None and all(len(a) == len(prep.paths) for a in acts.values()):
-        log(f"frozen prefix: {len(prep.paths)} clips from {store.path}")
-        return acts
+    stored_keys, stored = store.load()
+    where = {c: i for i, c in enumerate(stored_keys)}
+    have = np.array([i for i, c in enumerate(prep.keys) if c in where], np.int64)
+    missing = np.array([i for i, c in enumerate(prep.keys) if c not in where], np.int64)
+    if not len(missing):
+        log(f"frozen prefix: {len(prep.keys)} clips from {store.path}")
+        return {name: a[[where[prep.keys[i]] for i in have]] for name, a in stored.items()}
     t = time.perf_counter()
-    acts = compute_prefix(model, params, prep, cfg, k, mesh, "frozen prefix")
+    new = compute_prefix(model, params, prep, cfg, k, mesh, "frozen prefix", missing)
     secs = time.perf_counter() - t
-    n = len(prep.paths)
-    log(f"frozen prefix: {n} clips in {secs:.1f}s ({n / secs:.1f} clips/s), kept in {store.path}")
+    log(f"frozen prefix: {len(missing)} clips in {secs:.1f}s ({len(missing) / secs:.1f} clips/s), "
+        f"{len(have)} from {store.path}")
+    out = {}
+    for name, a in new.items():
+        out[name] = np.zeros((len(prep.keys),) + a.shape[1:], a.dtype)
+        out[name][missing] = a
+        if len(have):
+            out[name][have] = stored[name][[where[prep.keys[i]] for i in have]]
     if is_main_process():
-        store.store(acts)
-    return acts
+        keys = stored_keys + [prep.keys[i] for i in missing]
+        store.store(keys, {name: np.concatenate([stored[name], a]) if stored else a for name, a in new.items()})
+    return out
 
 
 def _scan_epoch(step, state, data, idx, mask, *, sharding, train: bool):

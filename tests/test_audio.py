@@ -124,3 +124,16 @@ def test_extract_in_processes_matches_in_process(tmp_path):
     for a, b in zip(serial[:-1], parallel[:-1]):
         np.testing.assert_array_equal(a, b)
     assert [e.path for e in e1] == [e.path for e in e2] == [paths[-1]]
+
+
+def test_perturbed_copy_changes_tempo_and_pitch():
+    from jaxtl.audio import perturb_audio
+
+    sr = 16000
+    t = np.arange(sr) / sr
+    y = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    slower = perturb_audio(y, sr, (0.0, 0.8))
+    assert abs(len(slower) - len(y) / 0.8) < 0.01 * len(y)
+    higher = perturb_audio(y, sr, (12.0, 1.0))
+    spectrum = np.abs(np.fft.rfft(higher))
+    assert abs(np.argmax(spectrum) * sr / len(higher) - 880) < 10

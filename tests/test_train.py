@@ -307,3 +307,35 @@ def test_two_processes_follow_the_one_process_trajectory(cfg, tmp_path):
     assert "2 device(s), 2 process(es)" in outputs[0]
     np.testing.assert_allclose(_losses(out), _losses(cfg.out), rtol=1e-4)
     assert T.restore_run(out, "latest").meta["epoch"] == 2
+
+
+def test_augmentation_copies_extend_only_the_training_split(cfg):
+    plain = T.prepare(cfg, log=quiet)
+    aug = T.prepare(dataclasses.replace(cfg, augment_copies=2), log=quiet)
+    n = len(plain.y)
+    assert len(aug.y) == n + 2 * len(plain.train)
+    np.testing.assert_array_equal(aug.val, plain.val)
+    np.testing.assert_array_equal(aug.test, plain.test)
+    assert set(aug.train[len(plain.train):]) == set(range(n, len(aug.y)))
+    assert len(set(aug.keys)) == len(aug.keys)  # every copy has its own identity
+    first_copy = n
+    source = plain.train[0]
+    assert aug.paths[first_copy] == plain.paths[source] and aug.y[first_copy] == plain.y[source]
+    assert not np.array_equal(aug.feats.clip(first_copy), plain.feats.clip(source))
+
+
+def test_prefix_cache_computes_only_clips_it_has_not_seen(cfg, monkeypatch):
+    calls = []
+    real = T.compute_prefix
+
+    def counting(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(len(next(iter(out.values()))))
+        return out
+
+    monkeypatch.setattr(T, "compute_prefix", counting)
+    small = dataclasses.replace(cfg, max_clips=20, epochs=1, out=cfg.out + "-small", cache_dir=cfg.out + "-cache")
+    T.run(small, log=quiet)
+    T.run(dataclasses.replace(small, max_clips=None, out=cfg.out + "-all"), log=quiet)
+    T.run(dataclasses.replace(small, max_clips=None, out=cfg.out + "-again"), log=quiet)
+    assert calls == [20, 40 - 20]  # the third run computed nothing
