@@ -8,6 +8,7 @@ the old cache or the new one, never a file that reads as valid but is not.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +20,23 @@ import h5py
 import numpy as np
 
 from jaxtl.audio import BadAudio, FeatureConfig, Perturbation, extract
+
+
+@contextlib.contextmanager
+def atomic_h5(path: Path):
+    """Write an HDF5 file into a temporary name, mark it `complete` last, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".h5.tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            yield f
+            f.flush()
+            f.attrs["complete"] = True
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def file_key(path: str, perturbation: Perturbation | None = None) -> str:
@@ -50,24 +68,14 @@ class FeatureCache:
         return {k: flat[..., o:o + n] for k, o, n in zip(keys, offsets, lengths)}
 
     def store(self, entries: dict[str, np.ndarray]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted(entries)
         lengths = np.array([entries[k].shape[-1] for k in keys], np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".h5.tmp")
-        os.close(fd)
-        try:
-            with h5py.File(tmp, "w") as f:
-                f["keys"] = np.array([k.encode() for k in keys])
-                f["offsets"], f["lengths"] = offsets, lengths
-                f["flat"] = np.concatenate([entries[k] for k in keys], axis=-1).astype(np.float32)
-                f.attrs["settings"] = self.settings
-                f.flush()
-                f.attrs["complete"] = True
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_h5(self.path) as f:
+            f["keys"] = np.array([k.encode() for k in keys])
+            f["offsets"], f["lengths"] = offsets, lengths
+            f["flat"] = np.concatenate([entries[k] for k in keys], axis=-1).astype(np.float32)
+            f.attrs["settings"] = self.settings
 
 
 def cached_features(paths: list[str], cfg: FeatureConfig, cache_dir: str | os.PathLike | None,
@@ -135,22 +143,12 @@ class ActivationCache:
             return [], {}
 
     def store(self, keys: list[str], acts: dict[str, np.ndarray]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".h5.tmp")
-        os.close(fd)
-        try:
-            with h5py.File(tmp, "w") as f:
-                f["keys"] = np.array([k.encode() for k in keys])
-                for name, a in acts.items():
-                    bf16 = a.dtype == ml_bfloat16()
-                    f[f"acts/{name}"] = a.view(np.uint16) if bf16 else a
-                    f[f"acts/{name}"].attrs["bfloat16"] = bf16
-                f.flush()
-                f.attrs["complete"] = True
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_h5(self.path) as f:
+            f["keys"] = np.array([k.encode() for k in keys])
+            for name, a in acts.items():
+                bf16 = a.dtype == ml_bfloat16()
+                f[f"acts/{name}"] = a.view(np.uint16) if bf16 else a
+                f[f"acts/{name}"].attrs["bfloat16"] = bf16
 
 
 def ml_bfloat16():

@@ -8,11 +8,15 @@ Prints one JSON line: median `train_on_batch` time over --steps steps after warm
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_args import parse_step_args  # noqa: E402
 
 
 def build(mode: str, size: int, classes: int = 10):
@@ -32,12 +36,7 @@ def build(mode: str, size: int, classes: int = 10):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", default="frozen", choices=("frozen", "finetune", "full"))
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--steps", type=int, default=20)
-    args = ap.parse_args()
+    args = parse_step_args()
     import keras
 
     model = build(args.mode, args.size)
