@@ -67,11 +67,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--peer-python", default=".venv-peers/bin/python")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma list of: " + ", ".join(SETTINGS))
+    ap.add_argument("--dtypes", default="float32,bfloat16")
     args = ap.parse_args()
     common = [str(args.batch), str(args.size), str(args.iters)]
     rows = {}
-    for name, flags in SETTINGS.items():
-        for dtype in ("float32", "bfloat16"):
+    for name in args.settings.split(","):
+        flags = SETTINGS[name]
+        for dtype in args.dtypes.split(","):
             env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
             rows[f"jaxtl, {name}, {dtype}"] = child([sys.executable, "-c", JAX_CHILD, *common, dtype], env)
             print(name, dtype, rows[f"jaxtl, {name}, {dtype}"], flush=True)
