@@ -61,6 +61,8 @@ CONFIGS = {
     "taps345-linear+logmel8k": {**LINEAR_TAPS, **LOGMEL_8K},
     "taps345-mlp+logmel8k": {**LINEAR_TAPS, **LOGMEL_8K, "hidden": 256, "dropout": 0.3},
     "taps345-linear+mfcc-delta": {**LINEAR_TAPS, "representation": "mfcc-delta", "fit": "stretch"},
+    "taps345-linear+logmel8k+bandnorm": {**LINEAR_TAPS, **LOGMEL_8K, "band_norm": True},
+    "taps345-linear+logmel8k+aug2": {**LINEAR_TAPS, **LOGMEL_8K, "augment_copies": 2},
 }
 
 

@@ -9,6 +9,8 @@ images without a Python loop per clip:
 - rows: image row `r` shows feature row `floor(r * F / S)` (13 MFCC rows -> 224: rows 0..17 show
   coefficient 0, then 17 or 18 rows per coefficient), i.e. nearest-neighbour row repetition;
 - channels: one feature channel is replicated to RGB, three (mfcc-delta) map to R, G, B;
+- `band_norm` (optional): each feature row's mean over the image's columns is subtracted first
+  (per-utterance, cepstral-mean-style normalisation against speaker and channel);
 - scale: each image channel min-max scaled to [0, 1], padding included, as the seed does; a constant
   channel (pure silence) becomes 0, never NaN.
 """
@@ -80,7 +82,7 @@ def stretch_time(batch: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarr
 
 
 def to_images(batch: np.ndarray, lengths: np.ndarray, size: int = 224, fit: str = "pad",
-              dtype: str = "float32") -> np.ndarray:
+              dtype: str = "float32", band_norm: bool = False) -> np.ndarray:
     """(N, C, F, T) features, C in {1, 3} -> (N, size, size, 3) images in [0, 1] (NHWC).
 
     Scaling happens on the small (N, C, F', size) array of the rows that appear in the image (row
@@ -99,6 +101,8 @@ def to_images(batch: np.ndarray, lengths: np.ndarray, size: int = 224, fit: str 
             batch = np.pad(batch, [(0, 0)] * 3 + [(0, size - batch.shape[-1])])
     rows, inverse = np.unique(row_index(batch.shape[2], size), return_inverse=True)
     small = batch[:, :, rows, :].astype(np.float32)
+    if band_norm:  # per-utterance mean normalisation: each band's mean over the clip's columns removed
+        small = small - small.mean(axis=3, keepdims=True)
     lo = small.min(axis=(2, 3), keepdims=True)
     span = small.max(axis=(2, 3), keepdims=True) - lo
     small = np.where(span > 0, (small - lo) / np.where(span > 0, span, 1.0), 0.0)

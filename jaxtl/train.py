@@ -113,6 +113,7 @@ class TrainConfig:
                   choices=imagelib.FIT_MODES)
     preprocess: str = _f("unit", "network input: [0,1] images (seed) or Keras' caffe preprocessing",
                          choices=imagelib.PREPROCESS_MODES)
+    band_norm: bool = _f(False, "subtract each feature band's mean over the clip (per-utterance normalisation)")
     image_dtype: str = _f("float32", "host-side image dtype; uint8 moves 4x fewer bytes to the device",
                           choices=imagelib.STORAGE_DTYPES)
     # model
@@ -441,7 +442,7 @@ def prepare(cfg: TrainConfig, log: Callable = print) -> Prepared:
 def image_batch(feats: RaggedFeatures, idx: np.ndarray, cfg: TrainConfig) -> np.ndarray:
     width = cfg.image_size if cfg.fit == "pad" else None
     batch, lengths = feats.padded(idx, width)
-    return imagelib.to_images(batch, lengths, cfg.image_size, cfg.fit, cfg.image_dtype)
+    return imagelib.to_images(batch, lengths, cfg.image_size, cfg.fit, cfg.image_dtype, cfg.band_norm)
 
 
 def batches(n: int, batch_size: int, multiple: int, rng: np.random.Generator | None):
@@ -524,7 +525,7 @@ def prefix_activations(model, params, prep: Prepared, cfg: TrainConfig, k: int, 
         return compute_prefix(model, params, prep, cfg, k, mesh, "frozen prefix")
     weights = [np.asarray(leaf) for name in CONV_NAMES[:k] for leaf in jax.tree.leaves(params["base"][name])]
     key = fingerprint(cfg.features().key(), cfg.image_size, cfg.fit, cfg.preprocess, cfg.image_dtype, cfg.dtype, k,
-                      cfg.taps, cfg.pooling, *weights)
+                      cfg.taps, cfg.pooling, *weights, *(["band_norm"] if cfg.band_norm else []))
     store = ActivationCache(cfg.cache_dir, key)
     stored_keys, stored = store.load()
     where = {c: i for i, c in enumerate(stored_keys)}

@@ -100,3 +100,13 @@ def test_caffe_matches_keras_preprocess_input():
     np.testing.assert_array_equal(preprocess(x, "unit"), x)
     with pytest.raises(ValueError, match="unknown preprocess"):
         preprocess(x, "tf")
+
+
+def test_band_norm_removes_each_rows_mean_before_scaling():
+    rng = np.random.default_rng(5)
+    feat = rng.normal(size=(13, 32)).astype(np.float32) + np.arange(13)[:, None] * 10
+    ragged = RaggedFeatures.from_list([feat])
+    batch, lengths = ragged.padded(np.arange(1), 32)
+    out = to_images(batch, lengths, 32, band_norm=True)
+    centred = feat - feat.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(out[0], reference_image(centred, 32), rtol=1e-5, atol=1e-6)
