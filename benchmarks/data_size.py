@@ -6,7 +6,7 @@
 One fixed stratified test set (500 FSDD clips, split seed 0); for each size a stratified training subset
 per seed (80/20 fit/validation inside it). Modes run at the image size given after the colon: on this
 2-core machine a VGG16 pass at 224x224 runs about 5 images/s, so fine-tuning and training from scratch
-use small images (and scratch stops at --scratch-max clips); the table says which size each row used.
+use small images (and stop at --scratch-max / --finetune-max clips); the table says which size each row used.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--modes", default="frozen:112,finetune:32,scratch:32")
     ap.add_argument("--weights", default=f"{HED},random")
     ap.add_argument("--scratch-max", type=int, default=500)
+    ap.add_argument("--finetune-max", type=int, default=None, help="largest size fine-tuned (default: all)")
     args = ap.parse_args()
     if not FSDD.is_dir():
         sys.exit(f"error: FSDD not found at {FSDD}")
@@ -65,7 +66,8 @@ def main() -> None:
         for weights in (["random"] if mode == "scratch" else args.weights.split(",")):
             for n in args.sizes.split(","):
                 n_clips = None if n == "all" else int(n)
-                if mode == "scratch" and (n_clips is None or n_clips > args.scratch_max):
+                limit = {"scratch": args.scratch_max, "finetune": args.finetune_max}.get(mode)
+                if limit is not None and (n_clips is None or n_clips > limit):
                     continue
                 accs, n_train = [], None
                 for seed in range(args.seeds):
