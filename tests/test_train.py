@@ -290,7 +290,7 @@ def test_two_processes_follow_the_one_process_trajectory(cfg, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "two")
-    base = ["--data", cfg.data, "--image-size", "32", "--epochs", "3", "--batch-size", "8", "--weights", "random",
+    base = ["--recipe", "seed", "--data", cfg.data, "--image-size", "32", "--epochs", "3", "--batch-size", "8", "--weights", "random",
             "--normalize", "--out", out, "--cache-dir", cfg.cache_dir, "--workers", "1", "--no-progress",
             "--patience", "0", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -339,3 +339,31 @@ def test_prefix_cache_computes_only_clips_it_has_not_seen(cfg, monkeypatch):
     T.run(dataclasses.replace(small, max_clips=None, out=cfg.out + "-all"), log=quiet)
     T.run(dataclasses.replace(small, max_clips=None, out=cfg.out + "-again"), log=quiet)
     assert calls == [20, 40 - 20]  # the third run computed nothing
+
+
+def test_bad_files_stop_the_run_or_are_skipped_and_reported(cfg, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(cfg.data, data)
+    broken = data / "tone" / "broken.wav"
+    broken.write_text("not audio")
+    bad = dataclasses.replace(cfg, data=str(data), epochs=1, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(T.DataError, match=r"broken\.wav: not a readable audio file"):
+        T.run(bad, log=quiet)
+    summary = T.run(dataclasses.replace(bad, on_bad_file="skip", out=str(tmp_path / "skip")), log=quiet)
+    assert summary["n_train"] + summary["n_val"] + summary["n_test"] == 40
+    assert "broken.wav" in (tmp_path / "skip" / "skipped.tsv").read_text()
+    assert any("broken.wav" in s for s in summary["skipped_files"])
+
+
+def test_bfloat16_compute_keeps_float32_params_and_optimizer_state(cfg):
+    T.run(dataclasses.replace(cfg, dtype="bfloat16", mode="finetune", epochs=1), log=quiet)
+    ckpt = T.Checkpoints(Path(cfg.out) / "checkpoints")
+    model = cfg.model(4)
+    params, norm = T.init_params(model, cfg, (1, 32, 32, 3), None)
+    labels = T.param_labels(params, 10)
+    template = T.create_train_state(params, norm, T.make_optimizer(cfg, labels, cfg.base_lr))
+    state, _ = ckpt.restore(template)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim} == {jnp.dtype("float32")}

@@ -127,8 +127,8 @@ def _small_legacy(tmp_path, keras_vgg, mutate):
 
 def test_missing_layer_is_named(tmp_path, keras_vgg):
     def drop(f):
-        names = [n for n in f.attrs["layer_names"] if n != b"block3_conv2"]
-        f.attrs["layer_names"] = names
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f.attrs["layer_names"]]
+        f.attrs["layer_names"] = [n.encode() for n in names if n != "block3_conv2"]
 
     path = _small_legacy(tmp_path, keras_vgg, drop)
     with pytest.raises(WeightsError, match=r"bad\.h5: layer block3_conv2 is missing") as e:
