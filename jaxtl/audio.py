@@ -165,10 +165,12 @@ def perturb_audio(y: np.ndarray, sample_rate: int, perturbation: Perturbation) -
     import librosa
 
     pitch, rate = perturbation
-    if rate != 1.0:
-        y = librosa.effects.time_stretch(y, rate=rate)
-    if pitch:
-        y = librosa.effects.pitch_shift(y, sr=sample_rate, n_steps=pitch)
+    with warnings.catch_warnings():  # short clips: librosa warns that its 2048-point FFT exceeds them
+        warnings.simplefilter("ignore", UserWarning)
+        if rate != 1.0:
+            y = librosa.effects.time_stretch(y, rate=rate)
+        if pitch:
+            y = librosa.effects.pitch_shift(y, sr=sample_rate, n_steps=pitch)
     return y.astype(np.float32)
 
 
