@@ -290,9 +290,9 @@ def test_two_processes_follow_the_one_process_trajectory(cfg, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "two")
-    base = ["--recipe", "seed", "--data", cfg.data, "--image-size", "32", "--epochs", "3", "--batch-size", "8", "--weights", "random",
-            "--normalize", "--out", out, "--cache-dir", cfg.cache_dir, "--workers", "1", "--no-progress",
-            "--patience", "0", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    base = ["--recipe", "seed", "--data", cfg.data, "--image-size", "32", "--epochs", "3", "--batch-size", "8",
+            "--weights", "random", "--normalize", "--out", out, "--cache-dir", cfg.cache_dir, "--workers", "1",
+            "--no-progress", "--patience", "0", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, json.dumps(base + ["--process-id", str(i)])],
