@@ -48,18 +48,7 @@ def plot(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="taps345-linear+logmel8k", choices=tuple(CONFIGS))
-    ap.add_argument("--sizes", default="50,100,500,1000,all")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--modes", default="frozen:112,finetune:32,scratch:32")
-    ap.add_argument("--weights", default=f"{HED},random")
-    ap.add_argument("--scratch-max", type=int, default=500)
-    ap.add_argument("--finetune-max", type=int, default=None, help="largest size fine-tuned (default: all)")
-    args = ap.parse_args()
-    if not FSDD.is_dir():
-        sys.exit(f"error: FSDD not found at {FSDD}")
+def measure(args) -> list[dict]:
     rows = []
     for spec in args.modes.split(","):
         mode, size = spec.split(":")
@@ -80,6 +69,28 @@ def main() -> None:
                        "std": float(np.std(accs))}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="taps345-linear+logmel8k", choices=tuple(CONFIGS))
+    ap.add_argument("--sizes", default="50,100,500,1000,all")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--modes", default="frozen:112,finetune:32,scratch:32")
+    ap.add_argument("--weights", default=f"{HED},random")
+    ap.add_argument("--scratch-max", type=int, default=500)
+    ap.add_argument("--finetune-max", type=int, default=None, help="largest size fine-tuned (default: all)")
+    ap.add_argument("--from-log", default=None,
+                    help="render the table and plot from the JSON rows an earlier (interrupted) run printed")
+    args = ap.parse_args()
+    if args.from_log:
+        with open(args.from_log) as f:
+            rows = [json.loads(line) for line in f if line.startswith("{")]
+    elif not FSDD.is_dir():
+        sys.exit(f"error: FSDD not found at {FSDD}")
+    else:
+        rows = measure(args)
     m = machine()
     lines = [f"Accuracy vs training-set size, FSDD, config `{args.config}`, fixed 500-clip test set, "
              f"{args.seeds} seeds; {m['cpu']}, {m['cores']} cores\n",

@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, write_results  # noqa: E402
 from jaxtl import train as T  # noqa: E402
-from jaxtl.model import output_shape  # noqa: E402
+from jaxtl.model import Classifier  # noqa: E402
 
 # name: (split k, prefix cached?)
 MODES = {
@@ -77,8 +77,10 @@ def time_mode(name: str, batch: int, size: int, dtype: str, steps: int, classes:
     tx = T.make_optimizer(cfg, labels, cfg.base_lr)
     state = T.create_train_state(params, norm, tx)
     rng = np.random.default_rng(0)
-    shape = (batch,) + (output_shape(size, size, 0, k) if cached else (size, size, 3))
-    x = jnp.asarray(rng.uniform(0, 1, shape), T.DTYPES[dtype] if cached else jnp.float32)
+    x = jnp.asarray(rng.uniform(0, 1, (batch, size, size, 3)), jnp.float32)
+    if cached:  # what the frozen prefix hands the step: its split-point inputs
+        x = T._host_inputs(jax.jit(lambda p, im: model.apply({"params": p}, im, k, method=Classifier.prefix))(
+            params, x))
     b = {"x": x, "y": jnp.asarray(rng.integers(0, classes, batch), jnp.int32), "mask": jnp.ones(batch)}
     step = jax.jit(functools.partial(T.train_step, rng=jax.random.PRNGKey(0), model=model, cfg=cfg, tx=tx,
                                      labels=labels, k=k, cached=cached))
