@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
-from jaxtl.cache import cached_features
+from jaxtl.cache import cached_features, file_key
 from jaxtl.checkpoint import CheckpointError
 from jaxtl.data import DataError, discover
 from jaxtl.images import RaggedFeatures
@@ -23,11 +23,11 @@ from jaxtl.train import ConfigError, predict_logits, prepare, restore_run
 
 
 def labelled_clips(run, data: str | None, on_bad_file: str = "error"):
-    """(features, integer labels, skipped) of the clips to evaluate, labels in the run's class order."""
+    """(features, integer labels, skipped, clip keys) of the clips to evaluate, labels in the run's order."""
     cfg = run.cfg
     if data is None:
         prep = prepare(cfg, log=lambda *_: None)
-        return prep.feats.subset(prep.test), prep.y[prep.test], prep.skipped
+        return prep.feats.subset(prep.test), prep.y[prep.test], prep.skipped, [prep.keys[i] for i in prep.test]
     ds = discover(data, "auto")
     unknown = sorted(set(ds.labels) - set(run.classes))
     if unknown:
@@ -37,7 +37,7 @@ def labelled_clips(run, data: str | None, on_bad_file: str = "error"):
         raise DataError(f"{errors[0]} (use --on-bad-file skip to go on without it)")
     ok = [i for i, f in enumerate(feats) if f is not None]
     y = np.searchsorted(run.classes, [ds.labels[i] for i in ok])
-    return RaggedFeatures.from_list([feats[i] for i in ok]), y, errors
+    return RaggedFeatures.from_list([feats[i] for i in ok]), y, errors, [file_key(ds.paths[i]) for i in ok]
 
 
 def save_confusion_png(cm: np.ndarray, classes: list[str], path: Path) -> None:
@@ -61,8 +61,8 @@ def save_confusion_png(cm: np.ndarray, classes: list[str], path: Path) -> None:
 
 def evaluate(run_dir: str, data: str | None = None, which: str = "best", on_bad_file: str = "error") -> dict:
     run = restore_run(run_dir, which)
-    feats, y, skipped = labelled_clips(run, data, on_bad_file)
-    pred = predict_logits(run, feats).argmax(-1)
+    feats, y, skipped, keys = labelled_clips(run, data, on_bad_file)
+    pred = predict_logits(run, feats, keys=keys).argmax(-1)
     labels = list(range(len(run.classes)))
     report = classification_report(y, pred, labels=labels, target_names=run.classes, output_dict=True,
                                    zero_division=0)

@@ -903,13 +903,25 @@ def restore_run(run_dir: str | os.PathLike, which: str = "best") -> RestoredRun:
     return RestoredRun(cfg, model, {"params": state.params, "norm": state.norm}, meta["classes"], meta)
 
 
-def predict_logits(run: RestoredRun, feats: RaggedFeatures, batch_size: int | None = None) -> np.ndarray:
-    """Logits of the whole network (images in) for every clip of `feats`."""
+def predict_logits(run: RestoredRun, feats: RaggedFeatures, batch_size: int | None = None,
+                   keys: list[str] | None = None) -> np.ndarray:
+    """Logits for every clip of `feats`. With the clips' `keys`, the frozen prefix comes from the run's
+    prefix cache where it holds them (the frozen weights in the checkpoint are the ones it was keyed by),
+    so evaluating a run's own clips costs no second VGG16 pass."""
     cfg, mesh = run.cfg, make_mesh()
-    fn = jax.jit(lambda v, x: run.model.apply(v, imagelib.preprocess(imagelib.decode(x), cfg.preprocess)))
+    k = cfg.stages()[-1][0]
     out = np.zeros((len(feats), len(run.classes)), np.float32)
+    if keys is not None and cfg.cache_dir and cfg.cache_prefix and k > 0:
+        prep = Prepared([""] * len(keys), keys, feats, np.zeros(len(keys), np.int64), run.classes,
+                        *(np.arange(0),) * 3, [], "")
+        acts = prefix_activations(run.model, run.variables["params"], prep, cfg, k, mesh, lambda *_: None)
+        fn = jax.jit(lambda v, x: run.model.apply(v, x, start=k))
+        source = lambda idx: take(acts, idx)  # noqa: E731
+    else:
+        fn = jax.jit(lambda v, x: run.model.apply(v, imagelib.preprocess(imagelib.decode(x), cfg.preprocess)))
+        source = lambda idx: image_batch(feats, idx, cfg)  # noqa: E731
     for idx, mask in batches(len(feats), batch_size or cfg.batch_size, mesh.size, None):
-        logits = np.asarray(fn(run.variables, global_batch(mesh, {"x": image_batch(feats, idx, cfg)})["x"]))
+        logits = np.asarray(fn(run.variables, global_batch(mesh, {"x": source(idx)})["x"]))
         out[idx[mask > 0]] = logits[mask > 0]
     return out
 
