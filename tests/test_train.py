@@ -144,12 +144,17 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_resume_after_sigkill_continues_with_the_same_losses(cfg, tmp_path):
-    cfg = dataclasses.replace(cfg, epochs=4, dropout=0.3)
+def _whole_run_then_killed_run(cfg, tmp_path, script):
+    """An uninterrupted run into tmp_path/whole, then the same config run by `script`, which SIGKILLs itself."""
     T.run(dataclasses.replace(cfg, out=str(tmp_path / "whole")), log=quiet)
-    killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(dataclasses.asdict(cfg))],
+    killed = subprocess.run([sys.executable, "-c", script, json.dumps(dataclasses.asdict(cfg))],
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+
+def test_resume_after_sigkill_continues_with_the_same_losses(cfg, tmp_path):
+    cfg = dataclasses.replace(cfg, epochs=4, dropout=0.3)
+    _whole_run_then_killed_run(cfg, tmp_path, KILL_SCRIPT)
     assert len(_losses(cfg.out)) == 2
     T.run(dataclasses.replace(cfg, resume=True), log=quiet)
     np.testing.assert_allclose(_losses(cfg.out), _losses(tmp_path / "whole"), rtol=1e-5)
@@ -248,10 +253,7 @@ KILL_MID_SAVE = textwrap.dedent("""
 
 def test_sigkill_mid_checkpoint_save_resumes_from_the_previous_one(cfg, tmp_path):
     cfg = dataclasses.replace(cfg, epochs=3, patience=0)
-    T.run(dataclasses.replace(cfg, out=str(tmp_path / "whole")), log=quiet)
-    killed = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, json.dumps(dataclasses.asdict(cfg))],
-                            capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    _whole_run_then_killed_run(cfg, tmp_path, KILL_MID_SAVE)
     ckpt = T.Checkpoints(Path(cfg.out) / "checkpoints")
     first_step = ckpt.steps()[0]
     assert ckpt.steps() == [first_step]  # the half-written save does not count
