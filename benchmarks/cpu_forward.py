@@ -42,7 +42,9 @@ print(json.dumps({"images_per_s": b / float(np.median(ts))}))
 
 TF_CHILD = """
 import json, sys, time, numpy as np, keras
-b, s, iters = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+b, s, iters, dtype = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if dtype == "bfloat16":  # oneDNN then runs the convs on AMX / AVX-512 BF16 where the CPU has them
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
 m = keras.applications.VGG16(weights=None, include_top=False, input_shape=(s, s, 3))
 x = np.random.default_rng(0).uniform(0, 1, (b, s, s, 3)).astype("float32")
 f = lambda: m(x, training=False).numpy()
@@ -78,11 +80,14 @@ def main() -> None:
             env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
             rows[f"jaxtl, {name}, {dtype}"] = child([sys.executable, "-c", JAX_CHILD, *common, dtype], env)
             print(name, dtype, rows[f"jaxtl, {name}, {dtype}"], flush=True)
-    if Path(args.peer_python).exists():
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-        rows["TensorFlow (Keras VGG16, oneDNN), float32"] = child([args.peer_python, "-c", TF_CHILD, *common], env)
-    else:
-        rows["TensorFlow (Keras VGG16, oneDNN), float32"] = {"skipped": f"{args.peer_python} not found"}
+    for dtype in args.dtypes.split(","):
+        name = f"TensorFlow (Keras VGG16, oneDNN), {dtype}"
+        if Path(args.peer_python).exists():
+            env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+            rows[name] = child([args.peer_python, "-c", TF_CHILD, *common, dtype], env)
+        else:
+            rows[name] = {"skipped": f"{args.peer_python} not found"}
+        print(name, rows[name], flush=True)
     m = machine()
     table = (f"VGG16 forward, batch {args.batch}, {args.size}x{args.size}, median of {args.iters}; {m['cpu']}, "
              f"{m['cores']} cores\n\n| implementation | images/s |\n| --- | ---: |\n"

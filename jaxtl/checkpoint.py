@@ -1,8 +1,10 @@
 """Orbax checkpoints of a run: the latest N and the best one, each with the state and its metadata.
 
 `latest/` keeps the last `keep` saves for `--resume`; `best/` keeps the one with the lowest
-validation loss for evaluation. Orbax writes into a temporary directory and renames it when done,
-so a run killed mid-save leaves the previous checkpoint as the newest one that reads as complete.
+validation loss for evaluation; `frozen/` holds the convs no stage trains, written once per run
+(58 MB of VGG16 that would otherwise be rewritten by every epoch's saves). Orbax writes into a
+temporary directory and renames it when done, so a run killed mid-save leaves the previous
+checkpoint as the newest one that reads as complete.
 """
 
 from __future__ import annotations
@@ -34,6 +36,21 @@ class Checkpoints:
         self.latest.save(step, args=args, force=True)
         if best:
             self.best.save(step, args=args, force=True)
+
+    def save_frozen(self, frozen: dict) -> None:
+        path = (self.directory / "frozen").absolute()
+        if frozen and not path.exists():
+            with ocp.StandardCheckpointer() as c:
+                c.save(path, frozen)
+
+    def restore_frozen(self, template: dict) -> dict:
+        if not template:
+            return {}
+        path = (self.directory / "frozen").absolute()
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: the run's frozen weights are missing")
+        with ocp.StandardCheckpointer() as c:
+            return c.restore(path, template)
 
     def steps(self, which: str = "latest") -> list[int]:
         return sorted(getattr(self, which).all_steps())

@@ -366,6 +366,29 @@ def test_bfloat16_compute_keeps_float32_params_and_optimizer_state(cfg):
     params, norm = T.init_params(model, cfg, (1, 32, 32, 3), None)
     labels = T.param_labels(params, 10)
     template = T.create_train_state(params, norm, T.make_optimizer(cfg, labels, cfg.base_lr))
-    state, _ = ckpt.restore(template)
+    state, _ = T.restore_state(ckpt, template, 10)
     assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
     assert {leaf.dtype for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim} == {jnp.dtype("float32")}
+
+
+def test_frozen_convs_are_written_once_per_run_not_by_every_epoch(cfg):
+    T.run(dataclasses.replace(cfg, epochs=2), log=quiet)
+    root = Path(cfg.out) / "checkpoints"
+
+    def size(d: Path) -> int:
+        return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+    frozen_bytes = 4 * sum(leaf.size for leaf in jax.tree.leaves(T.restore_run(cfg.out).variables["params"]["base"]))
+    assert size(root / "frozen") > frozen_bytes / 2
+    steps = list((root / "latest").iterdir())
+    assert len(steps) == 2 and all(size(step) < frozen_bytes / 20 for step in steps)
+    assert set(T.restore_run(cfg.out, "latest").variables["params"]["base"]) == set(T.CONV_NAMES)
+
+
+@pytest.mark.parametrize("n,largest,multiple", [(100, 64, 1), (60, 64, 1), (64, 64, 1), (65, 64, 1), (1, 64, 2),
+                                                (129, 64, 8), (7, 8, 4)])
+def test_even_batch_size_covers_the_rows_in_fewest_batches_with_least_padding(n, largest, multiple):
+    size = T.even_batch_size(n, largest, multiple)
+    fewest = -(-n // largest)
+    assert size % multiple == 0 and -(-n // size) == fewest
+    assert size * fewest - n < fewest * multiple  # padding under one multiple per batch
