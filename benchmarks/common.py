@@ -63,6 +63,12 @@ CONFIGS = {
     "taps345-linear+mfcc-delta": {**LINEAR_TAPS, "representation": "mfcc-delta", "fit": "stretch"},
     "taps345-linear+logmel8k+bandnorm": {**LINEAR_TAPS, **LOGMEL_8K, "band_norm": True},
     "taps345-linear+logmel8k+aug2": {**LINEAR_TAPS, **LOGMEL_8K, "augment_copies": 2},
+    # small training sets: every clip fits (no validation clips to stop on), pitch/tempo copies
+    "taps345-linear+logmel8k+noval": {**LINEAR_TAPS, **LOGMEL_8K, "val_size": 0.0, "patience": 0,
+                                      "plateau_patience": 0},
+    "taps345-linear+logmel8k+aug4": {**LINEAR_TAPS, **LOGMEL_8K, "augment_copies": 4},
+    "taps345-linear+logmel8k+noval+aug4": {**LINEAR_TAPS, **LOGMEL_8K, "val_size": 0.0, "patience": 0,
+                                           "plateau_patience": 0, "augment_copies": 4},
 }
 
 

@@ -1,12 +1,14 @@
 """The seed's "Performance Benchmarks" table measured for real: test accuracy against training-set size.
 
     python benchmarks/data_size.py [--config NAME] [--sizes 50,100,500,1000,all] [--seeds 3]
-                                   [--modes frozen:112,finetune:32,scratch:32] [--scratch-max 500]
+                                   [--modes frozen:112,finetune:112,scratch:32] [--finetune-max 500]
+                                   [--scratch-max 500]
 
 One fixed stratified test set (500 FSDD clips, split seed 0); for each size a stratified training subset
 per seed (80/20 fit/validation inside it). Modes run at the image size given after the colon: on this
 2-core machine a VGG16 pass at 224x224 runs about 5 images/s, so fine-tuning and training from scratch
-use small images (and stop at --scratch-max / --finetune-max clips); the table says which size each row used.
+use the cached block-4 outputs at 112x112 and small images (and stop at --finetune-max / --scratch-max
+clips); the table says which size each row used.
 """
 
 from __future__ import annotations
@@ -77,10 +79,10 @@ def main() -> None:
     ap.add_argument("--config", default="taps345-linear+logmel8k", choices=tuple(CONFIGS))
     ap.add_argument("--sizes", default="50,100,500,1000,all")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--modes", default="frozen:112,finetune:32,scratch:32")
+    ap.add_argument("--modes", default="frozen:112,finetune:112,scratch:32")
     ap.add_argument("--weights", default=f"{HED},random")
     ap.add_argument("--scratch-max", type=int, default=500)
-    ap.add_argument("--finetune-max", type=int, default=None, help="largest size fine-tuned (default: all)")
+    ap.add_argument("--finetune-max", type=int, default=500)
     ap.add_argument("--from-log", default=None,
                     help="render the table and plot from the JSON rows an earlier (interrupted) run printed")
     args = ap.parse_args()

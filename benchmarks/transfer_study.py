@@ -1,6 +1,7 @@
 """What makes VGG16 transfer work on spoken digits: each change's test accuracy, mean and std over seeds.
 
     python benchmarks/transfer_study.py [--size 112] [--seeds 3] [--configs a,b,...] [--split stratified|loso]
+                                        [--train-clips N]
 
 Every configuration trains with jaxtl itself on FSDD (1,600 fit / 400 validation / 500 test clips by
 default; `--split loso` holds out each of the 5 speakers in turn). Frozen prefixes are cached on disk,
@@ -28,6 +29,8 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--weights", default=f"{HED},random", help="comma list: weight files and/or random")
     ap.add_argument("--split", default="stratified", choices=("stratified", "loso"))
+    ap.add_argument("--train-clips", type=int, default=None,
+                    help="train (fit + validation) on a stratified subset of this many clips; the test set stays")
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
     if not FSDD.is_dir():
@@ -40,10 +43,13 @@ def main() -> None:
             for seed in range(args.seeds):
                 if args.split == "loso":
                     for spk in speakers:
-                        s = run_config(CONFIGS[name], seed, args.size, weights, split="group", test_group=spk)
+                        s = run_config(CONFIGS[name], seed, args.size, weights, split="group", test_group=spk,
+                                       train_clips=args.train_clips)
                         accs.append(s["test_accuracy"])
                 else:
-                    accs.append(run_config(CONFIGS[name], seed, args.size, weights)["test_accuracy"])
+                    fixed_test = 0 if args.train_clips else None  # data_size.py's test set
+                    accs.append(run_config(CONFIGS[name], seed, args.size, weights, split_seed=fixed_test,
+                                           train_clips=args.train_clips)["test_accuracy"])
             label = "HED" if weights.endswith(".h5") else weights
             row = {"config": name, "weights": label, "accuracies": accs, "mean": float(np.mean(accs)),
                    "std": float(np.std(accs)), "seconds": time.perf_counter() - t0, "overrides": CONFIGS[name]}
@@ -52,6 +58,8 @@ def main() -> None:
     m = machine()
     what = "leave-one-speaker-out (mean over speakers and seeds)" if args.split == "loso" else \
         "stratified 1,600 fit / 400 val / 500 test"
+    if args.train_clips:
+        what += f", training on a stratified {args.train_clips} of them"
     table = (f"Transfer study, FSDD, {args.size}x{args.size}, {what}, {args.seeds} seeds; {m['cpu']}\n\n"
              "| configuration | weights | test accuracy (mean ± std) | runs |\n| --- | --- | ---: | ---: |\n"
              + "".join(f"| {r['config']} | {r['weights']} | {100 * r['mean']:.1f} ± {100 * r['std']:.1f} % | "
