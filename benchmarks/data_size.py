@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--weights", default=f"{HED},random")
     ap.add_argument("--scratch-max", type=int, default=500)
     ap.add_argument("--finetune-max", type=int, default=500)
+    ap.add_argument("--name", default=None, help="results file stem (default: data_size-CONFIG)")
     ap.add_argument("--from-log", default=None,
                     help="render the table and plot from the JSON rows an earlier (interrupted) run printed")
     args = ap.parse_args()
@@ -102,7 +103,7 @@ def main() -> None:
         key = r["clips"] if r["clips"] == "all" else int(r["clips"])
         lines.append(f"| {r['n_train']} | {r['mode']} | {r['size']} | {r['weights']} | {100 * r['mean']:.1f} ± "
                      f"{100 * r['std']:.1f} % | {SEED_CLAIMS.get(key, '')} | {GOALS.get(key, '')} % |")
-    stem = write_results(f"data_size-{args.config}", {"args": vars(args), "rows": rows, "machine": m},
+    stem = write_results(args.name or f"data_size-{args.config}", {"args": vars(args), "rows": rows, "machine": m},
                          "\n".join(lines) + "\n")
     plot(rows, stem.with_suffix(".png"))
     print(f"plot: {stem.with_suffix('.png')} ({RESULTS})")

@@ -75,7 +75,9 @@ def main() -> None:
                 keras["fit_total_s"] = keras["fit_s"] + seed_features_s
                 keras["compute_total_s"] = keras["loop_s"] + seed_features_s
             row = {"mode": mode, "clips": len(paths), "jaxtl_s": jaxtl_s, "seed_features_s": seed_features_s,
-                   "jaxtl_test_accuracy": summary["test_accuracy"], "keras": keras}
+                   "jaxtl_seconds_per_epoch": summary["seconds_per_epoch"],
+                   "jaxtl_test_accuracy": summary["test_accuracy"],
+                   "keras": keras}
             rows.append(row)
             print(json.dumps(row), flush=True)
     m = machine()

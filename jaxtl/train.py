@@ -149,7 +149,7 @@ class TrainConfig:
     # run
     seed: int = _f(42, "seed of splits, init, shuffling and augmentation")
     init_seed: int | None = _f(None, "seed of a random base's init alone (default: --seed)")
-    out: str = _f("runs/latest", "run directory")
+    out: str | None = _f(None, "run directory (default: a new runs/RECIPE-YYYYmmdd-HHMMSS)")
     resume: bool = _f(False, "continue the run in --out from its latest checkpoint")
     cache_dir: str | None = _f(".jaxtl_cache", "feature cache directory ('' to disable)")
     cache_prefix: bool = _f(True, "run the frozen prefix once per clip when inputs do not change")
@@ -757,6 +757,10 @@ def saved_config(out: str | os.PathLike) -> dict:
 def _open_run(cfg: TrainConfig) -> TrainConfig:
     """Validate, refuse to overwrite a run, and record the config in the run directory."""
     cfg.validate()
+    if cfg.out is None:
+        if jax.process_count() > 1:
+            raise ConfigError("several processes need one run directory: give --out")
+        cfg = dataclasses.replace(cfg, out=f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = Path(cfg.out)
     if (out / "checkpoints").exists() and not cfg.resume:
         raise ConfigError(f"{out} already holds a run: pass --resume to continue it or choose another --out")
@@ -1000,7 +1004,9 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     recipe = args.pop("recipe")
     if args.get("resume"):
-        return TrainConfig(**{**saved_config(args.get("out", TrainConfig.out)), **args})
+        if not args.get("out"):
+            raise ConfigError("--resume needs --out: the run directory to continue")
+        return TrainConfig(**{**saved_config(args["out"]), **args})
     return TrainConfig.from_recipe(recipe, **args)
 
 

@@ -392,3 +392,13 @@ def test_even_batch_size_covers_the_rows_in_fewest_batches_with_least_padding(n,
     fewest = -(-n // largest)
     assert size % multiple == 0 and -(-n // size) == fewest
     assert size * fewest - n < fewest * multiple  # padding under one multiple per batch
+
+
+def test_without_out_each_run_gets_its_own_directory_and_resume_asks_for_one(cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    T.run(dataclasses.replace(cfg, out=None, epochs=1), log=quiet)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("seed-") and json.loads((run_dir / "config.json").read_text())["out"] == \
+        f"runs/{run_dir.name}"
+    with pytest.raises(T.ConfigError, match="--resume needs --out"):
+        T.config_from_args(["--resume"])
