@@ -12,7 +12,6 @@ validation passes). Both include their audio->image work (the seed's per-file li
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -33,6 +32,25 @@ from jaxtl.data import discover, subset  # noqa: E402
 PEER = Path(__file__).parent / "peers" / "keras_end_to_end.py"
 
 
+def job_clips(n: int) -> tuple[list[str], list[str], np.ndarray]:
+    """The N FSDD clips both sides train on (stratified, random_state 42): paths, labels, label ids."""
+    ds = discover(FSDD)
+    classes = sorted(set(ds.labels))
+    y_all = np.searchsorted(classes, ds.labels)
+    keep = subset(y_all, n, 42, classes)
+    return [ds.paths[i] for i in keep], [ds.labels[i] for i in keep], y_all[keep]
+
+
+def jaxtl_job(tmp: Path, paths: list[str], labels: list[str], mode: str, epochs: int = 10,
+              size: int = 224) -> T.TrainConfig:
+    """jaxtl doing the seed's job from the wav files, with fresh feature and prefix caches in `tmp`."""
+    manifest = tmp / "clips.csv"
+    manifest.write_text("".join(f"{p},{label}\n" for p, label in zip(paths, labels)))
+    return T.TrainConfig(data=str(manifest), mode=mode, epochs=epochs, patience=0, plateau_patience=0,
+                         val_method="tail", image_size=size, weights="random", seed=42, out=str(tmp / f"run-{mode}"),
+                         cache_dir=str(tmp / f"cache-{mode}"), progress=False, lr=1e-3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clips", type=int, default=100)
@@ -41,23 +59,13 @@ def main() -> None:
     ap.add_argument("--modes", default="frozen,finetune")
     ap.add_argument("--peer-python", default=".venv-peers/bin/python")
     args = ap.parse_args()
-    ds = discover(FSDD)
-    classes = sorted(set(ds.labels))
-    y_all = np.searchsorted(classes, ds.labels)
-    keep = subset(y_all, args.clips, 42, classes)
-    paths, y = [ds.paths[i] for i in keep], y_all[keep]
+    paths, labels, y = job_clips(args.clips)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = Path(tmp) / "clips.csv"
-        manifest.write_text("".join(f"{p},{ds.labels[i]}\n" for p, i in zip(paths, keep)))
         for mode in args.modes.split(","):
-            # jaxtl: from wav files (fresh feature and prefix caches) to test accuracy
-            cfg = T.TrainConfig(data=str(manifest), mode=mode, epochs=args.epochs, patience=0, plateau_patience=0,
-                                val_method="tail", image_size=args.size, weights="random", seed=42,
-                                out=str(Path(tmp) / f"run-{mode}"), cache_dir=str(Path(tmp) / f"cache-{mode}"),
-                                progress=False, lr=1e-3)
+            cfg = jaxtl_job(Path(tmp), paths, labels, mode, args.epochs, args.size)
             t = time.perf_counter()
-            summary = T.run(dataclasses.replace(cfg), log=lambda *_: None)
+            summary = T.run(cfg, log=lambda *_: None)
             jaxtl_s = time.perf_counter() - t
             # Keras: the seed's per-file feature loop, then fit / a train_on_batch loop
             t = time.perf_counter()
