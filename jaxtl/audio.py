@@ -20,6 +20,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+# Bump when a change to this module changes the features it computes: cached features of older code are
+# then recomputed instead of read (the cache key holds it and the audio libraries' versions).
+FEATURE_CODE_VERSION = 2
 REPRESENTATIONS = ("mfcc", "mfcc-delta", "logmel")
 
 
@@ -55,11 +58,49 @@ class FeatureConfig:
             raise ValueError(f"unknown representation {self.representation!r}: use one of {REPRESENTATIONS}")
 
     def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of every setting, this module's feature code version and the audio libraries' versions."""
+        ident = {**asdict(self), "code": FEATURE_CODE_VERSION, "libraries": _library_versions()}
+        return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def channels(self) -> int:
         return 3 if self.representation == "mfcc-delta" else 1
+
+
+def _wav_missing_bytes(path: str) -> int:
+    """Bytes a WAV's data chunk declares beyond the end of the file (0 when whole, or not a plain RIFF WAV).
+
+    libsndfile clamps a truncated WAV to what is present and reads it without complaint, so the header
+    is checked here: a file cut after 8 samples must not train as an 8-sample clip."""
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return 0
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return 0
+            name, length = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if name == b"data":
+                if length in (0, 0xFFFFFFFF):  # streaming writers leave the size unset
+                    return 0
+                return max(0, f.tell() + length - size)
+            f.seek(length + (length & 1), os.SEEK_CUR)
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("librosa", "soxr", "soundfile"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
 
 
 def load_audio(path: str, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
@@ -72,15 +113,23 @@ def load_audio(path: str, sample_rate: int, max_seconds: float | None = None) ->
         raise BadAudio(path, f"unsupported extension {ext or '(none)'}; use one of {', '.join(AUDIO_EXTENSIONS)}")
     try:
         size = os.path.getsize(path)
+        missing = _wav_missing_bytes(path) if size else 0
     except OSError as e:
         raise BadAudio(path, f"cannot read ({e.strerror})") from None
     if size == 0:
         raise BadAudio(path, "empty file (0 bytes)")
+    if missing:
+        raise BadAudio(path, f"truncated: its header declares {missing} more bytes of audio than the file holds")
     try:
         with sf.SoundFile(path) as f:
-            native = f.samplerate
+            native, declared = f.samplerate, f.frames
             frames = -1 if max_seconds is None else int(max_seconds * native)
             y = f.read(frames=frames, dtype="float32", always_2d=True)
+        want = declared if frames < 0 else min(declared, frames)
+        if len(y) < want:
+            raise BadAudio(path, f"truncated: the header promises {declared} frames, {len(y)} could be read")
+    except BadAudio:
+        raise
     except Exception as sf_error:  # soundfile lacks some formats (old mp3 builds): try librosa's loader
         import librosa
 
@@ -180,9 +229,13 @@ def file_features(paths: list[str], cfg: FeatureConfig, perturb: list[Perturbati
     back as None plus their error."""
     clips: list[np.ndarray | None] = []
     errors = []
+    window = cfg.win_length or cfg.n_fft
     for p, pert in zip(paths, perturb or [None] * len(paths)):
         try:
             y = load_audio(p, cfg.sample_rate, cfg.max_seconds)
+            if len(y) < window:
+                raise BadAudio(p, f"too short: {len(y)} samples at {cfg.sample_rate} Hz, less than one "
+                                  f"{window}-sample analysis window")
             clips.append(y if pert is None else perturb_audio(y, cfg.sample_rate, pert))
         except BadAudio as e:
             clips.append(None)

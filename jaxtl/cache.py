@@ -39,12 +39,28 @@ def atomic_h5(path: Path):
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive lock beside `path`, held for a read-merge-write, so runs sharing a cache lose nothing."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def file_key(path: str, perturbation: Perturbation | None = None) -> str:
-    """Identity of a clip as cheaply as possible: absolute path, size, modification time (and the
-    perturbation of an augmentation copy)."""
+    """Identity of a clip without reading it: absolute path, size, modification time, inode and status-change
+    time (and the perturbation of an augmentation copy). ctime cannot be set by `cp -p`, `rsync -a` or
+    `touch -r`, so a file rewritten with its old size and mtime still gets a new key."""
     st = os.stat(path)
     extra = "" if perturbation is None else f"|{perturbation[0]:.6f}|{perturbation[1]:.6f}"
-    return hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}{extra}".encode()).hexdigest()
+    ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}{extra}"
+    return hashlib.sha1(ident.encode()).hexdigest()
 
 
 class FeatureCache:
@@ -67,7 +83,12 @@ class FeatureCache:
             return {}
         return {k: flat[..., o:o + n] for k, o, n in zip(keys, offsets, lengths)}
 
-    def store(self, entries: dict[str, np.ndarray]) -> None:
+    def add(self, entries: dict[str, np.ndarray]) -> None:
+        """Merge `entries` into the file as it is now (another run may have added clips since we read it)."""
+        with locked(self.path):
+            self._write({**self.load(), **entries})
+
+    def _write(self, entries: dict[str, np.ndarray]) -> None:
         keys = sorted(entries)
         lengths = np.array([entries[k].shape[-1] for k in keys], np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
@@ -103,9 +124,7 @@ def cached_features(paths: list[str], cfg: FeatureConfig, cache_dir: str | os.Pa
         errors += new_errors
         for i, f in zip(todo, new):
             feats[i] = f
-            if f is not None:
-                stored[keys[i]] = f
-        cache.store(stored)
+        cache.add({keys[i]: f for i, f in zip(todo, new) if f is not None})
     return feats, errors, (len(paths) - len(todo), len(todo))
 
 
@@ -142,7 +161,18 @@ class ActivationCache:
         except (OSError, KeyError):
             return [], {}
 
-    def store(self, keys: list[str], acts: dict[str, np.ndarray]) -> None:
+    def add(self, keys: list[str], acts: dict[str, np.ndarray]) -> None:
+        """Append the rows of clips the file (as it is now, another run may have written since) lacks."""
+        with locked(self.path):
+            old_keys, old = self.load()
+            have = set(old_keys)
+            new = [i for i, k in enumerate(keys) if k not in have]
+            if old_keys and not new:
+                return
+            self._write(old_keys + [keys[i] for i in new],
+                        {n: np.concatenate([old[n], a[new]]) if old_keys else a[new] for n, a in acts.items()})
+
+    def _write(self, keys: list[str], acts: dict[str, np.ndarray]) -> None:
         with atomic_h5(self.path) as f:
             f["keys"] = np.array([k.encode() for k in keys])
             for name, a in acts.items():

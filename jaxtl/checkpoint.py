@@ -5,14 +5,30 @@ validation loss for evaluation; `frozen/` holds the convs no stage trains, writt
 (58 MB of VGG16 that would otherwise be rewritten by every epoch's saves). Orbax writes into a
 temporary directory and renames it when done, so a run killed mid-save leaves the previous
 checkpoint as the newest one that reads as complete.
+
+An epoch writes `best` (when it improved) before `latest`: `latest` is the commit point. A run killed
+between the two resumes from the previous `latest` and redoes the epoch, so `best` is never older than
+the state a resumed run continues from.
+
+Reading tells corruption from mismatch: a save that cannot be read (I/O errors, missing or garbled
+files) is reported on stderr and the one before it is used; a save that reads but does not fit the run
+(an array of another shape) is an error naming the array and both shapes, never a silent fallback.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+# What a damaged save raises from orbax, tensorstore or json (JSONDecodeError is a ValueError).
+CORRUPT = (OSError, ValueError, KeyError)
 
 
 class CheckpointError(Exception):
@@ -22,7 +38,35 @@ class CheckpointError(Exception):
 def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
                                            cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(directory.absolute(), options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
+
+
+def _put(manager: ocp.CheckpointManager, step: int, args) -> None:
+    if step in manager.all_steps():  # a resumed run redoing an epoch a killed run had half-committed
+        manager.delete(step)
+    manager.save(step, args=args, force=True)
+
+
+def _shapes(tree, prefix: str = "") -> dict[str, tuple]:
+    """Shapes of a nested dict of arrays (or of orbax's stored-array metadata), keyed by path."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _shapes(sub, f"{prefix}{key}/").items()}
+    shape = getattr(tree, "shape", None)
+    return {} if shape is None else {prefix.rstrip("/"): tuple(shape)}
+
+
+def _params(state) -> dict:
+    return state.params if hasattr(state, "params") else state.get("params", {})
+
+
+def check_shapes(where, template: dict, stored: dict) -> None:
+    """Every param of `template` has its stored shape; else one line naming the array and both shapes."""
+    have = _shapes(stored)
+    for name, shape in _shapes(template).items():
+        if name in have and have[name] != shape:
+            raise CheckpointError(f"{where}: params/{name} has shape {have[name]} in the checkpoint but {shape} "
+                                  "in the model the run's config builds")
 
 
 class Checkpoints:
@@ -32,10 +76,10 @@ class Checkpoints:
         self.best = _manager(self.directory / "best", 1)
 
     def save(self, step: int, state, meta: dict, best: bool) -> None:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.latest.save(step, args=args, force=True)
+        args = lambda: ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))  # noqa: E731
         if best:
-            self.best.save(step, args=args, force=True)
+            _put(self.best, step, args())
+        _put(self.latest, step, args())
 
     def save_frozen(self, frozen: dict) -> None:
         path = (self.directory / "frozen").absolute()
@@ -50,37 +94,55 @@ class Checkpoints:
         if not path.is_dir():
             raise CheckpointError(f"{path}: the run's frozen weights are missing")
         with ocp.StandardCheckpointer() as c:
-            return c.restore(path, template)
+            try:
+                return c.restore(path, template)
+            except CORRUPT as e:
+                raise CheckpointError(f"{path}: the run's frozen weights are unreadable "
+                                      f"({str(e).splitlines()[0][:200]})") from None
 
     def steps(self, which: str = "latest") -> list[int]:
-        return sorted(getattr(self, which).all_steps())
-
-    def meta(self, which: str = "latest", step: int | None = None) -> dict:
-        manager, step = self._pick(which, step)
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-    def restore(self, template, which: str = "latest", step: int | None = None):
-        """(state shaped like `template`, meta); falls back to older saves when the newest is unreadable."""
-        manager, step = self._pick(which, step)
-        candidates = [s for s in sorted(manager.all_steps(), reverse=True) if s <= step]
-        errors = []
-        for s in candidates:
-            try:
-                out = manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
-                return out["state"], out["meta"]
-            except Exception as e:  # a corrupt save: say so, use the one before
-                errors.append(f"step {s}: {str(e).splitlines()[0][:200]}")
-                print(f"warning: checkpoint {manager.directory}/{s} is unreadable, trying an older one")
-        raise CheckpointError(f"{manager.directory}: no readable checkpoint ({'; '.join(errors)})")
-
-    def _pick(self, which: str, step: int | None):
         manager = getattr(self, which)
         manager.reload()
-        steps = manager.all_steps()
+        return sorted(manager.all_steps())
+
+    def restore(self, template: Any | Callable[[dict], Any], which: str = "latest") -> tuple[Any, dict, int]:
+        """(state, its meta, its step) of the newest readable save in `which`; state and meta always come
+        from the same save. `template` is the state's shape, or a function of the save's meta giving it
+        (a progressive run's optimizer state depends on the stage the meta names)."""
+        template_for = template if callable(template) else (lambda _: template)
+        manager = getattr(self, which)
+        manager.reload()
+        steps = sorted(manager.all_steps(), reverse=True)
         if not steps:
             raise CheckpointError(f"{self.directory / which}: no checkpoint saved yet")
-        return manager, max(steps) if step is None else step
+        errors = []
+        for s in steps:
+            try:
+                meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except CORRUPT as e:
+                errors.append(self._unreadable(manager, s, "meta", e))
+                continue
+            try:
+                stored = manager.item_metadata(s)["state"]
+            except CORRUPT as e:
+                errors.append(self._unreadable(manager, s, "state", e))
+                continue
+            target = template_for(meta)
+            if stored is not None:  # None: orbax could not read the array metadata; the restore below says why
+                check_shapes(Path(manager.directory) / str(s), _params(target), _params(stored.tree))
+            try:
+                state = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+            except CORRUPT as e:
+                errors.append(self._unreadable(manager, s, "state", e))
+                continue
+            return state, meta, s
+        raise CheckpointError(f"{manager.directory}: no readable checkpoint ({'; '.join(errors)})")
+
+    @staticmethod
+    def _unreadable(manager, step: int, part: str, error: Exception) -> str:
+        reason = f"step {step}: {part} unreadable ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
+        log.warning("checkpoint %s/%s is unreadable (%s); trying an older one", manager.directory, step, part)
+        return reason
 
     def close(self) -> None:
         self.latest.close()

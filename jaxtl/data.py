@@ -143,6 +143,16 @@ def check_stratifiable(y: np.ndarray, classes, what: str, need: int = 2) -> None
                             f"{need}: add clips, drop the class, or use a smaller --max-clips cut")
 
 
+def _stratified(idx: np.ndarray, y: np.ndarray, seed: int, what: str, **size) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's stratified split, its refusals (too few clips for the classes) as one line saying what to change."""
+    try:
+        return tuple(train_test_split(idx, stratify=y, random_state=seed, **size))
+    except ValueError as e:
+        n_classes = len(np.unique(y))
+        raise DataError(f"cannot split {len(idx)} clips of {n_classes} classes into {what} with every class on "
+                        f"both sides ({e}); add clips, or change --test-size / --val-size / --max-clips") from None
+
+
 def subset(y: np.ndarray, max_clips: int | None, seed: int, classes) -> np.ndarray:
     """Indices of a stratified subset of `max_clips` clips (all when None or larger)."""
     idx = np.arange(len(y))
@@ -151,7 +161,7 @@ def subset(y: np.ndarray, max_clips: int | None, seed: int, classes) -> np.ndarr
     if max_clips < len(classes):
         raise DataError(f"--max-clips {max_clips} is below the number of classes ({len(classes)})")
     check_stratifiable(y, classes, "dataset")
-    kept, _ = train_test_split(idx, train_size=max_clips, stratify=y, random_state=seed)
+    kept, _ = _stratified(idx, y, seed, f"a subset of {max_clips}", train_size=max_clips)
     return np.sort(kept)
 
 
@@ -165,7 +175,7 @@ def test_split(y: np.ndarray, groups: list[str], given: list[str], method: str, 
     groups = np.asarray(groups)
     if method == "stratified":
         check_stratifiable(y, classes, "dataset")
-        return tuple(train_test_split(idx, test_size=test_size, stratify=y, random_state=seed))
+        return _stratified(idx, y, seed, f"train and a {test_size:g} test split", test_size=test_size)
     if method == "group":
         if len(set(groups)) < 2:
             raise DataError("group split needs at least 2 groups (speakers); this dataset has "
@@ -186,23 +196,39 @@ def test_split(y: np.ndarray, groups: list[str], given: list[str], method: str, 
 
 
 def validation_split(y: np.ndarray, train: np.ndarray, val_size: float, seed: int, classes,
-                     method: str = "stratified") -> tuple[np.ndarray, np.ndarray]:
-    """(fit, val) subsets of `train`; `method="tail"` takes its last `val_size`, as Keras' `validation_split`."""
+                     method: str = "stratified", groups: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, val) subsets of `train`; `method="tail"` takes its last `val_size`, as Keras' `validation_split`.
+
+    With `groups` (a `--split group` run) validation holds out whole groups of the training part, so early
+    stopping watches speakers the model was not fitted on, as the test set does."""
     if val_size <= 0:
         return train, train[:0]
+    if groups is not None:
+        train_groups = np.asarray(groups)[train]
+        if len(set(train_groups)) < 2:
+            raise DataError(f"grouped validation needs at least 2 groups in the training part; it has "
+                            f"{len(set(train_groups))}: use --val-size 0 or more groups")
+        gss = GroupShuffleSplit(n_splits=1, test_size=val_size, random_state=seed)
+        fit, val = next(gss.split(train, y[train], train_groups))
+        return train[fit], train[val]
     if method == "tail":
         n_val = int(round(len(train) * val_size))
         return train[:len(train) - n_val], train[len(train) - n_val:]
     check_stratifiable(y[train], classes, "training split")
-    fit, val = train_test_split(train, test_size=val_size, stratify=y[train], random_state=seed)
-    return fit, val
+    return _stratified(train, y[train], seed, f"fit and a {val_size:g} validation split", test_size=val_size)
 
 
 def split_indices(y: np.ndarray, groups: list[str], given: list[str], method: str, test_size: float,
-                  val_size: float, seed: int, classes, val_method: str = "stratified", test_group: str | None = None):
-    """(fit, val, test) index arrays into y: `test_split`, then `validation_split` of its training part."""
-    train, test = test_split(y, groups, given, method, test_size, seed, classes, test_group)
-    fit, val = validation_split(y, train, val_size, seed, classes, val_method)
+                  val_size: float, seed: int, classes, val_method: str = "stratified", test_group: str | None = None,
+                  train_clips: int | None = None, split_seed: int | None = None):
+    """(fit, val, test) index arrays into y: `test_split` (seeded by `split_seed`, default `seed`), an optional
+    stratified cut of the training part to `train_clips`, then `validation_split` of it (grouped when the
+    test split is)."""
+    train, test = test_split(y, groups, given, method, test_size, seed if split_seed is None else split_seed,
+                             classes, test_group)
+    if train_clips is not None:
+        train = train[subset(y[train], train_clips, seed, classes)]
+    fit, val = validation_split(y, train, val_size, seed, classes, val_method, groups if method == "group" else None)
     return fit, val, test
 
 

@@ -2,13 +2,16 @@
 
     python -m jaxtl.evaluate RUN_DIR [--data DIR] [--json]
 
-Without --data it evaluates the run's own test split (recomputed from its config and seed).
+Without --data it evaluates the run's own test set, as recorded in RUN/split.json when it trained.
+With --data it evaluates every clip of that folder; labels the run does not know are an error, classes
+of the run the folder lacks are listed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,25 +22,43 @@ from jaxtl.cache import cached_features, file_key
 from jaxtl.checkpoint import CheckpointError
 from jaxtl.data import DataError, discover
 from jaxtl.images import RaggedFeatures
-from jaxtl.train import ConfigError, predict_logits, prepare, restore_run
+from jaxtl.train import SPLIT_RECORD, ConfigError, predict_logits, read_split_record, restore_run
 
 
-def labelled_clips(run, data: str | None, on_bad_file: str = "error"):
+def recorded_test_clips(run_dir: Path) -> tuple[list[str], list[str]]:
+    """(paths, labels) of the run's own test set, as its split record holds it; a file changed since training
+    is an error, never a silently different test set."""
+    record_path = run_dir / SPLIT_RECORD
+    clips = [c for c in read_split_record(record_path)["clips"] if c["side"] == "test"]
+    for c in clips:
+        try:
+            st = os.stat(c["path"])
+        except OSError:
+            raise DataError(f"{c['path']}: a test clip of {record_path} is missing; evaluate with --data DIR "
+                            "to use the files as they are now") from None
+        if (st.st_size, st.st_mtime_ns) != (c["size"], c["mtime_ns"]):
+            raise DataError(f"{c['path']}: changed since training (size or mtime differ from {record_path}); "
+                            "evaluate with --data DIR to use the files as they are now")
+    return [c["path"] for c in clips], [c["label"] for c in clips]
+
+
+def labelled_clips(run, run_dir: Path, data: str | None, on_bad_file: str = "error"):
     """(features, integer labels, skipped, clip keys) of the clips to evaluate, labels in the run's order."""
     cfg = run.cfg
     if data is None:
-        prep = prepare(cfg, log=lambda *_: None)
-        return prep.feats.subset(prep.test), prep.y[prep.test], prep.skipped, [prep.keys[i] for i in prep.test]
-    ds = discover(data, "auto")
-    unknown = sorted(set(ds.labels) - set(run.classes))
-    if unknown:
-        raise DataError(f"{data}: label {unknown[0]!r} is not one the run was trained on ({run.classes})")
-    feats, errors, _ = cached_features(ds.paths, cfg.features(), cfg.cache_dir or None, cfg.workers, cfg.progress)
-    if errors and on_bad_file == "error":
+        paths, labels = recorded_test_clips(run_dir)
+    else:
+        ds = discover(data, "auto")
+        unknown = sorted(set(ds.labels) - set(run.classes))
+        if unknown:
+            raise DataError(f"{data}: label {unknown[0]!r} is not one the run was trained on ({run.classes})")
+        paths, labels = ds.paths, ds.labels
+    feats, errors, _ = cached_features(paths, cfg.features(), cfg.cache_dir or None, cfg.workers, cfg.progress)
+    if errors and (on_bad_file == "error" or data is None):
         raise DataError(f"{errors[0]} (use --on-bad-file skip to go on without it)")
     ok = [i for i, f in enumerate(feats) if f is not None]
-    y = np.searchsorted(run.classes, [ds.labels[i] for i in ok])
-    return RaggedFeatures.from_list([feats[i] for i in ok]), y, errors, [file_key(ds.paths[i]) for i in ok]
+    y = np.searchsorted(run.classes, [labels[i] for i in ok])
+    return RaggedFeatures.from_list([feats[i] for i in ok]), y, errors, [file_key(paths[i]) for i in ok]
 
 
 def save_confusion_png(cm: np.ndarray, classes: list[str], path: Path) -> None:
@@ -61,17 +82,19 @@ def save_confusion_png(cm: np.ndarray, classes: list[str], path: Path) -> None:
 
 def evaluate(run_dir: str, data: str | None = None, which: str = "best", on_bad_file: str = "error") -> dict:
     run = restore_run(run_dir, which)
-    feats, y, skipped, keys = labelled_clips(run, data, on_bad_file)
+    feats, y, skipped, keys = labelled_clips(run, Path(run_dir), data, on_bad_file)
     pred = predict_logits(run, feats, keys=keys).argmax(-1)
-    labels = list(range(len(run.classes)))
-    report = classification_report(y, pred, labels=labels, target_names=run.classes, output_dict=True,
-                                   zero_division=0)
-    cm = confusion_matrix(y, pred, labels=labels)
+    present = sorted(set(y.tolist()))
+    names = [run.classes[i] for i in present]
+    report = classification_report(y, pred, labels=present, target_names=names, output_dict=True, zero_division=0)
+    cm = confusion_matrix(y, pred, labels=list(range(len(run.classes))))
     png = Path(run_dir) / "confusion_matrix.png"
     save_confusion_png(cm, run.classes, png)
     return {"accuracy": float(np.mean(pred == y)), "n": int(len(y)), "classes": run.classes,
-            "per_class": {c: report[c] for c in run.classes}, "confusion_matrix": cm.tolist(),
-            "predictions": pred.tolist(), "confusion_png": str(png), "skipped": [str(e) for e in skipped]}
+            "per_class": {c: report[c] for c in names},
+            "missing_classes": [c for i, c in enumerate(run.classes) if i not in present],
+            "confusion_matrix": cm.tolist(), "predictions": pred.tolist(), "confusion_png": str(png),
+            "skipped": [str(e) for e in skipped]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     classes = result["classes"]
     print(f"accuracy {result['accuracy']:.4f} on {result['n']} clips")
+    if result["missing_classes"]:
+        print(f"the data holds no clip of {len(result['missing_classes'])} of the run's classes: "
+              + ", ".join(result["missing_classes"]))
     print(f"{'class':>12s} {'precision':>9s} {'recall':>9s} {'f1':>9s} {'support':>8s}")
-    for c in classes:
-        r = result["per_class"][c]
+    for c, r in result["per_class"].items():
         print(f"{c:>12s} {r['precision']:9.3f} {r['recall']:9.3f} {r['f1-score']:9.3f} {int(r['support']):8d}")
     print("confusion matrix (rows: true, columns: predicted):")
     width = max(len(c) for c in classes) + 1

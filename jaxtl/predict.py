@@ -13,8 +13,9 @@ import numpy as np
 
 from jaxtl.audio import BadAudio, file_features
 from jaxtl.checkpoint import CheckpointError
+from jaxtl.data import DataError
 from jaxtl.images import RaggedFeatures
-from jaxtl.train import predict_logits, restore_run
+from jaxtl.train import ConfigError, predict_logits, restore_run
 
 
 def predict(run_dir: str, files: list[str], top_k: int = 3, which: str = "best") -> list[dict]:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = predict(args.run_dir, args.files, args.top_k, args.checkpoint)
-    except (CheckpointError, BadAudio) as e:
+    except (CheckpointError, BadAudio, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

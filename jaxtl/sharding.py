@@ -56,6 +56,26 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+class ProcessMismatch(Exception):
+    """Processes of one run that disagree on something they must share; one line naming them."""
+
+
+def check_same_everywhere(digest: str, what: str, fix: str) -> None:
+    """Stop (one line naming the processes) unless every process holds the same `digest` of `what`."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = np.array([int(digest[:7], 16) if digest != "random" else -1], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1)
+    if len(set(every.tolist())) > 1:
+        groups = {}
+        for process, value in enumerate(every.tolist()):
+            groups.setdefault(value, []).append(process)
+        sides = " vs ".join(map(str, groups.values()))
+        raise ProcessMismatch(f"the processes hold different {what} (processes {sides}): {fix}")
+
+
 def global_batch(mesh: Mesh, local):
     """This process's rows of a batch (a pytree of arrays) -> arrays sharded over the mesh's `data` axis."""
     sharding = batch_sharding(mesh)

@@ -11,6 +11,7 @@ optimizer state and the checkpoints still hold the whole tree.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -39,16 +40,17 @@ from jaxtl.data import (
     DataError,
     discover,
     fetch_fsdd,
+    split_indices,
     subset,
     synthetic,
-    test_split,
-    validation_split,
 )
 from jaxtl.images import RaggedFeatures
 from jaxtl.model import CONV_NAMES, N_CONV, Classifier
 from jaxtl.sharding import (
+    ProcessMismatch,
     barrier,
     batch_sharding,
+    check_same_everywhere,
     global_batch,
     initialize_distributed,
     is_main_process,
@@ -289,11 +291,30 @@ def save_state(ckpt: Checkpoints, step: int, state: TrainState, meta: dict, best
     ckpt.save(step, state.replace(params=split_frozen(state.params, k_frozen)[1]), meta, best)
 
 
-def restore_state(ckpt: Checkpoints, template: TrainState, k_frozen: int, which: str = "latest"):
-    """(state, meta) of the newest readable save in `which`, its frozen convs from the run's `frozen/`."""
-    frozen, rest = split_frozen(template.params, k_frozen)
-    state, meta = ckpt.restore(template.replace(params=rest), which)
-    return state.replace(params=join_frozen(ckpt.restore_frozen(frozen), state.params)), meta
+def restore_state(ckpt: Checkpoints, template_for: Callable[[dict], TrainState], k_frozen: int,
+                  which: str = "latest") -> tuple[TrainState, dict, int]:
+    """(state, meta, step) of the newest readable save in `which`, its frozen convs from the run's `frozen/`.
+
+    `template_for(meta)` gives the state's shapes for the stage that save's meta names."""
+    def trained_part(meta):
+        template = template_for(meta)
+        return template.replace(params=split_frozen(template.params, k_frozen)[1])
+
+    state, meta, step = ckpt.restore(trained_part, which)
+    frozen = ckpt.restore_frozen(split_frozen(template_for(meta).params, k_frozen)[0])
+    return state.replace(params=join_frozen(frozen, state.params)), meta, step
+
+
+def state_template(model: Classifier, cfg: TrainConfig, stage: int) -> TrainState:
+    """Shapes and dtypes of a stage's train state at the run's own image size, computed without compute."""
+    k, _, base_lr = cfg.stages()[stage]
+
+    def build():
+        params, norm = init_params(model, cfg, (1, cfg.image_size, cfg.image_size, 3), None)
+        return create_train_state(params, norm, make_optimizer(cfg, param_labels(params, k), base_lr))
+
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # restored whole into each process
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), jax.eval_shape(build))
 
 
 def create_train_state(params, norm, tx) -> TrainState:
@@ -383,6 +404,8 @@ class Prepared:
     test: np.ndarray
     skipped: list[BadAudio]
     data_source: str
+    n_files: int  # clips [0, n_files) are files; augmentation copies follow
+
 
 
 def resolve_data(cfg: TrainConfig, log: Callable = print) -> str:
@@ -443,12 +466,10 @@ def prepare(cfg: TrainConfig, log: Callable = print) -> Prepared:
     y = y_all[keep][ok]
     groups = [ds.groups[keep[i]] for i in ok]
     given = [ds.splits[keep[i]] for i in ok]
-    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-    train, test = test_split(y, groups, given, cfg.split, cfg.test_size, split_seed, classes, cfg.test_group)
-    if cfg.train_clips is not None:
-        train = train[subset(y[train], cfg.train_clips, cfg.seed, classes)]
-    train, val = validation_split(y, train, cfg.val_size, cfg.seed, classes, cfg.val_method)
+    train, val, test = split_indices(y, groups, given, cfg.split, cfg.test_size, cfg.val_size, cfg.seed, classes,
+                                     cfg.val_method, cfg.test_group, cfg.train_clips, cfg.split_seed)
     keys = [file_key(p) for p in paths]
+    n_files = len(paths)
     if cfg.augment_copies:
         copies = augmentation_copies([paths[i] for i in train], cfg)
         sources = [int(train[i]) for i, _ in copies]
@@ -459,7 +480,40 @@ def prepare(cfg: TrainConfig, log: Callable = print) -> Prepared:
         train = np.concatenate([train, len(paths) + np.arange(len(copies))])
         keys += [file_key(paths[i], p) for i, (_, p) in zip(sources, copies)]
         paths, feats, y = paths + [paths[i] for i in sources], feats + extra, np.concatenate([y, y[sources]])
-    return Prepared(paths, keys, RaggedFeatures.from_list(feats), y, classes, train, val, test, bad + errors, source)
+    return Prepared(paths, keys, RaggedFeatures.from_list(feats), y, classes, train, val, test, bad + errors, source,
+                    n_files)
+
+
+SPLIT_RECORD = "split.json"
+
+
+def split_record(prep: Prepared) -> dict:
+    """Every file's path, label and side (train, val, test), with its size and mtime to notice a file changed
+    since: `evaluate RUN` uses exactly this test set, whatever the data folder holds later."""
+    side = {int(i): name for name, ids in (("train", prep.train), ("val", prep.val), ("test", prep.test))
+            for i in ids if i < prep.n_files}
+    clips = []
+    for i, name in sorted(side.items()):
+        st = os.stat(prep.paths[i])
+        clips.append({"path": os.path.abspath(prep.paths[i]), "label": prep.classes[prep.y[i]], "side": name,
+                      "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {"data": prep.data_source, "classes": prep.classes, "clips": clips}
+
+
+def read_split_record(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path.parent}: no {SPLIT_RECORD} (a run of an older jaxtl): evaluate it with --data DIR")
+    return json.loads(path.read_text())
+
+
+def check_same_split(record: dict, path: Path) -> None:
+    """A resumed run must train on the clips it started with."""
+    recorded = {(c["path"], c["side"]) for c in read_split_record(path)["clips"]}
+    now = {(c["path"], c["side"]) for c in record["clips"]}
+    if now != recorded:
+        changed = sorted(now ^ recorded)[0][0]
+        raise DataError(f"--resume: the data changed since the run started ({changed} is not where {path} "
+                        "puts it); resume with the data as it was, or start a new run")
 
 
 def image_batch(feats: RaggedFeatures, idx: np.ndarray, cfg: TrainConfig) -> np.ndarray:
@@ -577,8 +631,7 @@ def prefix_activations(model, params, prep: Prepared, cfg: TrainConfig, k: int, 
         if len(have):
             out[name][have] = stored[name][[where[prep.keys[i]] for i in have]]
     if is_main_process():
-        keys = stored_keys + [prep.keys[i] for i in missing]
-        store.store(keys, {name: np.concatenate([stored[name], a]) if stored else a for name, a in new.items()})
+        store.add([prep.keys[i] for i in missing], new)
     return out
 
 
@@ -622,9 +675,40 @@ def _diverged(step: int, desc: str) -> FloatingPointError:
                               "saving it, the last good checkpoint stays in place")
 
 
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+@contextlib.contextmanager
+def compile_time():
+    """Seconds JAX spends tracing and compiling inside the block (a one-element list, filled as it goes), so
+    reported speeds can leave compilation out and report it on its own."""
+    total = [0.0]
+
+    def listener(event: str, seconds: float, **_):
+        if event in COMPILE_EVENTS:
+            total[0] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield total
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def run_epoch(steps: Steps, state, inputs: Inputs, clip_ids, cfg, mesh, rng, desc, train: bool):
-    """One pass over clip_ids; returns state and (mean loss, accuracy, clips, seconds)."""
-    t0 = time.perf_counter()
+    """One pass over clip_ids; returns state and (mean loss, accuracy, clips, seconds, compile seconds), the
+    seconds without the compile."""
+    with compile_time() as compiled:
+        t0 = time.perf_counter()
+        state, totals = _epoch(steps, state, inputs, clip_ids, cfg, mesh, rng, desc, train)
+        wall = time.perf_counter() - t0
+    t = totals
+    return state, (float(t[0] / max(t[2], 1)), float(t[1] / max(t[2], 1)), int(t[2]), wall - compiled[0],
+                   compiled[0])
+
+
+def _epoch(steps: Steps, state, inputs: Inputs, clip_ids, cfg, mesh, rng, desc, train: bool):
     order_rng = np.random.default_rng(rng) if train else None
     plan = list(batches(len(clip_ids), cfg.batch_size, mesh.size, order_rng))
     if steps.scanned:
@@ -640,8 +724,7 @@ def run_epoch(steps: Steps, state, inputs: Inputs, clip_ids, cfg, mesh, rng, des
         totals = per_step.sum(0)
     else:
         state, totals = _host_fed_epoch(steps, state, inputs, clip_ids, plan, cfg, mesh, desc, train)
-    t = totals
-    return state, (float(t[0] / max(t[2], 1)), float(t[1] / max(t[2], 1)), int(t[2]), time.perf_counter() - t0)
+    return state, totals
 
 
 def _host_fed_epoch(steps: Steps, state, inputs: Inputs, clip_ids, plan, cfg, mesh, desc, train: bool):
@@ -697,6 +780,12 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def init_params(model: Classifier, cfg: TrainConfig, sample_shape, base_variables):
     """Params with the base from `base_variables`, else random (from `--init-seed` when given)."""
     init = jax.jit(model.init)
@@ -710,7 +799,21 @@ def init_params(model: Classifier, cfg: TrainConfig, sample_shape, base_variable
     return params, dict(variables.get("norm", {}))
 
 
-def resolve_run_weights(cfg: TrainConfig, log: Callable) -> tuple[dict | None, str]:
+def resolve_run_weights(cfg: TrainConfig, log: Callable) -> tuple[dict | None, str, str]:
+    """(base variables or None for random init, where they came from, their digest), the same in every process:
+    process 0 resolves first (and downloads, if it must), the others then find its file, and a run whose
+    processes ended up with different weights stops."""
+    if not is_main_process():
+        barrier("weights")
+    base_vars, source = _resolve_weights(cfg, log)
+    if is_main_process():
+        barrier("weights")
+    digest = "random" if base_vars is None else fingerprint(*(np.asarray(a) for a in jax.tree.leaves(base_vars)))
+    check_same_everywhere(digest, "weights", "give every process the same --weights FILE")
+    return base_vars, source, digest
+
+
+def _resolve_weights(cfg: TrainConfig, log: Callable) -> tuple[dict | None, str]:
     if cfg.mode == "scratch":
         return None, "random init (scratch)"
     if cfg.weights is not None:
@@ -749,9 +852,22 @@ class Plateau:
 
 def saved_config(out: str | os.PathLike) -> dict:
     path = Path(out) / "config.json"
-    if not path.exists():
-        raise ConfigError(f"--resume: {out} holds no run (no config.json)")
-    return json.loads(path.read_text())
+    if not path.is_file():
+        raise ConfigError(f"{out} holds no run (no config.json)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from None
+
+
+def load_config(settings: dict, where) -> TrainConfig:
+    """A saved config as a TrainConfig; settings this version does not know are a one-line error."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"{where}: written by another jaxtl version (settings {', '.join(unknown)} are unknown "
+                          "here); use that version, or start a new run")
+    return TrainConfig(**settings)
 
 
 def _open_run(cfg: TrainConfig) -> TrainConfig:
@@ -779,10 +895,15 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
     out, main_process = Path(cfg.out), is_main_process()
     t_start = time.perf_counter()
     prep = prepare(cfg, log)
+    record = split_record(prep)
+    if cfg.resume and (out / SPLIT_RECORD).is_file():
+        check_same_split(record, out / SPLIT_RECORD)
+    if main_process:
+        _write_json(out / SPLIT_RECORD, record)
     if prep.skipped and main_process:
         (out / "skipped.tsv").write_text("".join(f"{e.path}\t{e.reason}\n" for e in prep.skipped))
-    base_vars, weights_source = resolve_run_weights(cfg, log)
-    log(f"weights: {weights_source}")
+    base_vars, weights_source, weights_digest = resolve_run_weights(cfg, log)
+    log(f"weights: {weights_source} (digest {weights_digest})")
     mesh = make_mesh()
     model = cfg.model(len(prep.classes))
     params, norm = init_params(model, cfg, (1, cfg.image_size, cfg.image_size, 3), base_vars)
@@ -800,12 +921,17 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
 
     ckpt = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     ckpt.save_frozen(jax.tree.map(np.asarray, split_frozen(params, k_min)[0]))
-    meta_base = {"classes": prep.classes, "config": dataclasses.asdict(cfg), "weights": weights_source}
-    start_stage, start_epoch, plateau = 0, 0, Plateau()
-    resumed = cfg.resume and bool(ckpt.steps())
-    if resumed:
-        meta = ckpt.meta()
+    meta_base = {"classes": prep.classes, "config": dataclasses.asdict(cfg), "weights": weights_source,
+                 "weights_digest": weights_digest}
+    template_for = lambda meta: state_template(model, cfg, meta["stage"])  # noqa: E731
+    start_stage, start_epoch, plateau, resumed_state = 0, 0, Plateau(), None
+    if cfg.resume and ckpt.steps():  # state, epoch, stage and counters all from one save
+        resumed_state, meta, step = restore_state(ckpt, template_for, k_min)
         start_stage, start_epoch, plateau = meta["stage"], meta["epoch"] + 1, Plateau(**meta["counters"])
+        log(f"resumed {out} after stage {start_stage + 1} epoch {start_epoch} (step {step})")
+    elif cfg.resume:
+        log(f"--resume: {out} had saved no checkpoint yet; starting over")
+    resumed = resumed_state is not None
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
         if resumed and (out / "metrics.jsonl").exists() else []
     history = [h for h in history if (h["stage"], h["epoch"]) < (start_stage, start_epoch)]
@@ -822,20 +948,21 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
         state = create_train_state(params, norm, tx).replace(step=jnp.asarray(steps_done, jnp.int32))
         best_params = None
         if resumed and stage == start_stage:
-            state = restore_state(ckpt, state, k_min)[0]
-            if ckpt.steps("best") and ckpt.meta("best")["stage"] == stage:
-                best_params = restore_state(ckpt, state, k_min, "best")[0].params
+            state = resumed_state
+            if ckpt.steps("best"):
+                best_state, best_meta, _ = restore_state(ckpt, template_for, k_min, "best")
+                best_params = best_state.params if best_meta["stage"] == stage else None
         state = replicate(mesh, state)
         best_params = best_params if best_params is not None else state.params
         steps = Steps(model, cfg, tx, labels, k, cached, rng, mesh)
         first = start_epoch if (resumed and stage == start_stage) else 0
         for epoch in range(first, epochs if not plateau.stop(cfg) else first):
-            state, (tr_loss, tr_acc, n, secs) = run_epoch(
+            state, (tr_loss, tr_acc, n, secs, compile_secs) = run_epoch(
                 steps, state, inputs, prep.train, cfg, mesh, [cfg.seed, stage, epoch],
                 f"stage {stage + 1} epoch {epoch + 1}/{epochs}", train=True)
             val_loss = val_acc = None
             if len(prep.val):
-                _, (val_loss, val_acc, _, _) = run_epoch(steps, state, inputs, prep.val, cfg, mesh, None,
+                _, (val_loss, val_acc, _, _, _) = run_epoch(steps, state, inputs, prep.val, cfg, mesh, None,
                                                          "validation", train=False)
             improved, cut = plateau.update(val_loss if val_loss is not None else tr_loss, cfg)
             if improved:
@@ -844,13 +971,15 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
                 state = state.replace(lr_scale=state.lr_scale * cfg.plateau_factor)
             row = {"stage": stage, "epoch": epoch, "step": int(state.step), "train_loss": tr_loss,
                    "train_acc": tr_acc, "val_loss": val_loss, "val_acc": val_acc,
-                   "lr": cfg.lr * float(state.lr_scale), "seconds": secs, "images_per_s": n / secs}
+                   "lr": cfg.lr * float(state.lr_scale), "seconds": secs, "compile_seconds": compile_secs,
+                   "images_per_s": n / secs}
             history.append(row)
             if main_process:
                 _write_jsonl(out / "metrics.jsonl", history)
             log(f"stage {stage + 1} epoch {epoch + 1}/{epochs}: loss {tr_loss:.4f} acc {tr_acc:.3f}"
                 + (f" | val loss {val_loss:.4f} acc {val_acc:.3f}" if val_loss is not None else "")
-                + f" | {secs:.2f}s, {n / secs:.0f} clips/s")
+                + f" | {secs:.2f}s, {n / secs:.0f} clips/s"
+                + (f" (+{compile_secs:.1f}s compile)" if compile_secs > 0.05 else ""))
             meta = {**meta_base, "stage": stage, "epoch": epoch, "counters": dataclasses.asdict(plateau)}
             save_state(ckpt, int(state.step), state, meta, improved, k_min)
             if on_epoch_end:
@@ -866,14 +995,16 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
     if state is not None and len(prep.test):
         k = stages[-1][0]
         test_steps = Steps(model, cfg, None, None, k, cached, rng, mesh)
-        _, (test_loss, test_acc, _, _) = run_epoch(test_steps, state, inputs_at(k), prep.test, cfg, mesh, None,
+        _, (test_loss, test_acc, _, _, _) = run_epoch(test_steps, state, inputs_at(k), prep.test, cfg, mesh, None,
                                                    "test", train=False)
     summary = {
         "test_accuracy": test_acc, "test_loss": test_loss, "n_test": len(prep.test), "n_train": len(prep.train),
-        "n_val": len(prep.val), "classes": prep.classes, "weights": weights_source, "data": prep.data_source,
+        "n_val": len(prep.val), "classes": prep.classes, "weights": weights_source, "weights_digest": weights_digest,
+        "data": prep.data_source,
         "mode": cfg.mode, "epochs_run": len(history), "wall_seconds": time.perf_counter() - t_start,
         "seconds_per_epoch": float(np.mean([h["seconds"] for h in history])) if history else None,
         "train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else None,
+        "compile_seconds": float(sum(h.get("compile_seconds", 0.0) for h in history)),
         "skipped_files": [str(e) for e in prep.skipped], "device": str(jax.devices()[0].platform),
         "n_devices": len(jax.devices()), "n_processes": jax.process_count(),
     }
@@ -926,20 +1057,14 @@ class RestoredRun:
 def restore_run(run_dir: str | os.PathLike, which: str = "best") -> RestoredRun:
     """The model of a finished or interrupted run, as saved in its `best` (or `latest`) checkpoint."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise CheckpointError(f"{run_dir}: not a jaxtl run directory (no config.json)")
+    cfg = load_config(saved_config(run_dir), run_dir / "config.json")
     ckpt = Checkpoints(run_dir / "checkpoints")
     try:
-        meta = ckpt.meta(which)
-        cfg = TrainConfig(**meta["config"])
-        model = cfg.model(len(meta["classes"]))
-        params, norm = init_params(model, cfg, (1, 32, 32, 3), None)
-        stages = cfg.stages()
-        k, _, base_lr = stages[meta["stage"]]
-        template = create_train_state(params, norm, make_optimizer(cfg, param_labels(params, k), base_lr))
-        state, meta = restore_state(ckpt, template, min(k for k, _, _ in stages), which)
+        state, meta, _ = restore_state(ckpt, lambda m: state_template(cfg.model(len(m["classes"])), cfg, m["stage"]),
+                                       min(k for k, _, _ in cfg.stages()), which)
     finally:
         ckpt.close()
+    model = cfg.model(len(meta["classes"]))
     return RestoredRun(cfg, model, {"params": state.params, "norm": state.norm}, meta["classes"], meta)
 
 
@@ -953,7 +1078,7 @@ def predict_logits(run: RestoredRun, feats: RaggedFeatures, batch_size: int | No
     out = np.zeros((len(feats), len(run.classes)), np.float32)
     if keys is not None and cfg.cache_dir and cfg.cache_prefix and k > 0:
         prep = Prepared([""] * len(keys), keys, feats, np.zeros(len(keys), np.int64), run.classes,
-                        *(np.arange(0),) * 3, [], "")
+                        *(np.arange(0),) * 3, [], "", len(keys))
         acts = prefix_activations(run.model, run.variables["params"], prep, cfg, k, mesh, lambda *_: None)
         fn = jax.jit(lambda v, x: run.model.apply(v, x, start=k))
         source = lambda idx: take(acts, idx)  # noqa: E731
@@ -1006,7 +1131,7 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     if args.get("resume"):
         if not args.get("out"):
             raise ConfigError("--resume needs --out: the run directory to continue")
-        return TrainConfig(**{**saved_config(args["out"]), **args})
+        return load_config({**saved_config(args["out"]), **args}, Path(args["out"]) / "config.json")
     return TrainConfig.from_recipe(recipe, **args)
 
 
@@ -1015,7 +1140,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(argv)
         initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
         run(cfg)
-    except (ConfigError, DataError, WeightsError, CheckpointError, FloatingPointError) as e:
+    except (ConfigError, DataError, WeightsError, CheckpointError, FloatingPointError, ProcessMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

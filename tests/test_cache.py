@@ -80,3 +80,51 @@ def test_file_without_complete_mark_reads_as_empty(tmp_path, clips):
     assert cache.load() == {}
     _, _, (hits, misses) = cached_features(clips, cfg, tmp_path / "c", workers=1, progress=False)
     assert (hits, misses) == (0, 5)
+
+
+def test_a_clip_overwritten_with_its_old_size_and_mtime_is_recomputed(tmp_path):
+    """`cp -p` of another clip of the same length: size and mtime as before, content new."""
+    import subprocess
+
+    a = write_tone(tmp_path / "audio" / "a.wav", seconds=0.3, freq=300)
+    b = write_tone(tmp_path / "audio" / "b.wav", seconds=0.3, freq=1200)
+    os.utime(a, ns=(10**18, 10**18))
+    os.utime(b, ns=(10**18, 10**18))
+    cfg = FeatureConfig()
+    (before,), _, _ = cached_features([str(a)], cfg, tmp_path / "c", workers=1, progress=False)
+    subprocess.run(["cp", "-p", str(b), str(a)], check=True)
+    assert os.stat(a).st_size == os.stat(b).st_size and os.stat(a).st_mtime_ns == 10**18
+    (after,), _, (hits, misses) = cached_features([str(a)], cfg, tmp_path / "c", workers=1, progress=False)
+    (want,), _, _ = cached_features([str(b)], cfg, None, workers=1, progress=False)
+    assert (hits, misses) == (0, 1)
+    np.testing.assert_array_equal(after, want)
+    assert not np.array_equal(after, before)
+
+
+def test_feature_code_and_library_versions_key_the_cache(monkeypatch):
+    from jaxtl import audio
+
+    key = FeatureConfig().key()
+    monkeypatch.setattr(audio, "FEATURE_CODE_VERSION", audio.FEATURE_CODE_VERSION + 1)
+    assert FeatureConfig().key() != key
+    monkeypatch.undo()
+    monkeypatch.setattr(audio, "_library_versions", lambda: {"librosa": "0.0.1"})
+    assert FeatureConfig().key() != key
+
+
+def test_runs_sharing_a_cache_keep_each_others_entries(tmp_path, clips):
+    """Two runs that read the cache before either wrote: each write merges into the file as it is then."""
+    cfg = FeatureConfig()
+    first, second = FeatureCache(tmp_path / "c", cfg), FeatureCache(tmp_path / "c", cfg)
+    feats, _ = cachelib.extract(clips, cfg, workers=1, progress=False)
+    assert first.load() == {} and second.load() == {}
+    first.add({"a": feats[0]})
+    second.add({"b": feats[1]})
+    assert sorted(FeatureCache(tmp_path / "c", cfg).load()) == ["a", "b"]
+    acts = {"taps": np.arange(6.0, dtype=np.float32).reshape(3, 2)}
+    one, other = cachelib.ActivationCache(tmp_path / "c", "k"), cachelib.ActivationCache(tmp_path / "c", "k")
+    one.add(["x", "y"], {"taps": acts["taps"][:2]})
+    other.add(["y", "z"], {"taps": acts["taps"][1:]})
+    keys, stored = cachelib.ActivationCache(tmp_path / "c", "k").load()
+    assert keys == ["x", "y", "z"]
+    np.testing.assert_array_equal(stored["taps"], acts["taps"])

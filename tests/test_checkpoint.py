@@ -21,8 +21,8 @@ def test_masked_optimizer_state_round_trips(tmp_path):
     ckpt = Checkpoints(tmp_path / "c")
     state = _state(3.0)
     ckpt.save(3, state, {"epoch": 1, "classes": ["a", "b"]}, best=True)
-    restored, meta = ckpt.restore(_state(0.0))
-    assert meta == {"epoch": 1, "classes": ["a", "b"]}
+    restored, meta, step = ckpt.restore(_state(0.0))
+    assert meta == {"epoch": 1, "classes": ["a", "b"]} and step == 3
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         np.testing.assert_array_equal(a, b)
@@ -35,21 +35,52 @@ def test_keeps_latest_n_and_the_best(tmp_path):
     for step, best in ((1, True), (2, False), (3, False)):
         ckpt.save(step, _state(float(step)), {"epoch": step}, best=best)
     assert ckpt.steps() == [2, 3] and ckpt.steps("best") == [1]
-    state, meta = ckpt.restore(_state(0.0), "best")
+    state, meta, _ = ckpt.restore(_state(0.0), "best")
     assert meta["epoch"] == 1 and float(state["params"]["head"][0]) == 1.0
 
 
-def test_half_written_save_is_ignored_and_corrupt_one_falls_back(tmp_path):
-    ckpt = Checkpoints(tmp_path / "c")
+@pytest.mark.parametrize("part", ["state", "meta"])
+def test_half_written_save_is_ignored_and_corrupt_one_falls_back(tmp_path, part, caplog):
+    ckpt = Checkpoints(tmp_path / "c", keep=3)
     ckpt.save(1, _state(1.0), {"epoch": 1}, best=False)
     ckpt.save(2, _state(2.0), {"epoch": 2}, best=False)
     (tmp_path / "c" / "latest" / "3.orbax-checkpoint-tmp-123").mkdir()  # a save killed midway
-    for f in (tmp_path / "c" / "latest" / "2" / "state").rglob("*"):
+    for f in (tmp_path / "c" / "latest" / "2" / part).rglob("*"):
         if f.is_file():
             f.write_bytes(b"corrupt")
     ckpt = Checkpoints(tmp_path / "c")
-    state, meta = ckpt.restore(_state(0.0))
-    assert meta["epoch"] == 1 and float(state["step"]) == 1
+    state, meta, step = ckpt.restore(_state(0.0))
+    assert step == 1 and meta["epoch"] == 1 and float(state["step"]) == 1  # state and meta of one save
+    assert f"latest/2 is unreadable ({part})" in caplog.text
+
+
+def test_meta_decides_the_template(tmp_path):
+    ckpt = Checkpoints(tmp_path / "c")
+    ckpt.save(5, _state(5.0), {"epoch": 5}, best=False)
+    seen = []
+    ckpt.restore(lambda meta: seen.append(meta["epoch"]) or _state(0.0))
+    assert seen == [5]
+
+
+def test_a_shape_mismatch_is_named_not_taken_for_corruption(tmp_path):
+    ckpt = Checkpoints(tmp_path / "c")
+    ckpt.save(1, _state(1.0), {"epoch": 1}, best=False)
+    ckpt.save(2, _state(2.0), {"epoch": 2}, best=False)
+    other = _state(0.0)
+    other["params"]["head"] = jnp.zeros(7)
+    with pytest.raises(CheckpointError, match=r"params/head has shape \(2,\) in the checkpoint but \(7,\)"):
+        ckpt.restore(other)
+
+
+def test_best_is_written_before_latest(tmp_path, monkeypatch):
+    ckpt = Checkpoints(tmp_path / "c")
+    order = []
+    for which in ("latest", "best"):
+        manager = getattr(ckpt, which)
+        real = manager.save
+        monkeypatch.setattr(manager, "save", lambda *a, _real=real, _w=which, **k: order.append(_w) or _real(*a, **k))
+    ckpt.save(1, _state(1.0), {"epoch": 1}, best=True)
+    assert order == ["best", "latest"]  # `latest` is the commit point: a kill between leaves best ahead, not stale
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):

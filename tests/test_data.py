@@ -130,3 +130,22 @@ def test_group_split_can_hold_out_one_named_speaker():
     assert set(g[test]) == {"s3"} and "s3" not in set(g[np.concatenate([train, val])])
     with pytest.raises(DataError, match="'s9' is not a group"):
         split_indices(y, groups, [""] * 60, "group", 0.2, 0.2, 0, ["a", "b"], test_group="s9")
+
+
+def test_group_split_validation_holds_out_whole_groups():
+    y = np.tile(np.arange(2), 60)
+    groups = [f"s{i % 6}" for i in range(120)]
+    fit, val, test = split_indices(y, groups, [""] * 120, "group", 0.2, 0.25, 0, ["a", "b"])
+    g = np.asarray(groups)
+    sides = [set(g[fit]), set(g[val]), set(g[test])]
+    assert all(sides) and not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    with pytest.raises(DataError, match="grouped validation needs at least 2 groups"):
+        split_indices(y, [f"s{i % 2}" for i in range(120)], [""] * 120, "group", 0.2, 0.25, 0, ["a", "b"],
+                      test_group="s1")
+
+
+def test_too_few_clips_for_the_classes_is_one_line_saying_what_to_change():
+    y = np.repeat(np.arange(10), 5)  # 50 clips of 10 classes: 8 validation clips cannot hold 10 classes
+    with pytest.raises(DataError) as e:
+        split_indices(y, [""] * 50, [""] * 50, "stratified", 0.2, 0.2, 42, [str(i) for i in range(10)])
+    assert "cannot split 40 clips of 10 classes" in str(e.value) and "\n" not in str(e.value)

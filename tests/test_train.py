@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import write_tone
 from jaxtl import train as T
 from jaxtl.data import synthetic
 from jaxtl.evaluate import evaluate
@@ -71,14 +72,18 @@ def test_each_mode_trains_exactly_its_set(cfg, mode, k):
         assert all(jax.tree.leaves(changed["head"]))
 
 
-def test_frozen_params_bit_identical_after_a_run(cfg):
-    T.run(cfg, log=quiet)
-    run = T.restore_run(cfg.out, "latest")
-    init, _ = T.init_params(cfg.model(4), cfg, (1, 32, 32, 3), None)
-    for name in CONV_NAMES:
-        np.testing.assert_array_equal(run.variables["params"]["base"][name]["kernel"],
-                                      init["base"][name]["kernel"])
-    assert any(jax.tree.leaves(_leaves_changed(init["head"], run.variables["params"]["head"])))
+def test_frozen_base_after_a_run_equals_the_weights_file(cfg, tmp_path):
+    from jaxtl.model import VGG16Base
+    from jaxtl.weights import load_vgg16_weights, save_npz
+
+    file = tmp_path / "vgg.npz"
+    save_npz(VGG16Base().init(jax.random.PRNGKey(7), jnp.zeros((1, 32, 32, 3))), file)
+    T.run(dataclasses.replace(cfg, weights=str(file)), log=quiet)
+    trained = T.restore_run(cfg.out, "latest").variables["params"]
+    for name, want in load_vgg16_weights(file)["params"].items():
+        for leaf in ("kernel", "bias"):
+            np.testing.assert_array_equal(trained["base"][name][leaf], want[leaf])
+    assert _losses(cfg.out)[0] != _losses(cfg.out)[-1]  # and the head did train
 
 
 def test_cached_prefix_and_in_step_prefix_agree(cfg, tmp_path):
@@ -111,13 +116,17 @@ def test_normalisation_statistics_come_from_the_training_split(cfg):
                                atol=1e-7)
 
 
-def test_evaluate_and_predict_match_the_in_memory_model(cfg):
+@pytest.mark.parametrize("recipe", ["seed", "jaxtl"])
+def test_train_evaluate_predict_at_64_pixels(cfg, recipe):
+    """Restore builds the model at the run's own image size (a flatten head's shape depends on it)."""
+    cfg = T.TrainConfig.from_recipe(recipe, data=cfg.data, image_size=64, epochs=2, batch_size=8, weights="random",
+                                    out=cfg.out, cache_dir=cfg.cache_dir, workers=1, progress=False)
     summary = T.run(cfg, log=quiet)
     result = evaluate(cfg.out)
     assert result["n"] == summary["n_test"]
     assert result["accuracy"] == pytest.approx(summary["test_accuracy"])
-    prep = T.prepare(cfg, log=quiet)
-    files = [prep.paths[i] for i in prep.test]
+    record = json.loads(Path(cfg.out, "split.json").read_text())
+    files = [c["path"] for c in record["clips"] if c["side"] == "test"]
     top1 = [r["top"][0]["label"] for r in predict(cfg.out, files)]
     assert top1 == [result["classes"][p] for p in result["predictions"]]
     assert Path(cfg.out, "confusion_matrix.png").stat().st_size > 0
@@ -126,50 +135,197 @@ def test_evaluate_and_predict_match_the_in_memory_model(cfg):
 def test_run_writes_what_users_read(cfg):
     T.run(cfg, log=quiet)
     out = Path(cfg.out)
-    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png"):
+    for name in ("config.json", "metrics.jsonl", "summary.json", "curves.png", "split.json"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_run"] == 3 and 0 <= summary["test_accuracy"] <= 1
     assert T.TrainConfig(**json.loads((out / "config.json").read_text())) == cfg
+    rows = _rows(out)  # compile time is reported apart from the epochs' seconds, and paid once
+    assert rows[0]["compile_seconds"] > 0 and [r["compile_seconds"] for r in rows[1:]] == [0.0, 0.0]
+    assert summary["compile_seconds"] == pytest.approx(sum(r["compile_seconds"] for r in rows))
 
 
-KILL_SCRIPT = textwrap.dedent("""
+def test_evaluate_uses_the_recorded_test_set_and_names_missing_classes(cfg, tmp_path, capsys):
+    import shutil
+
+    from jaxtl.evaluate import main as evaluate_main
+
+    data = tmp_path / "data"
+    shutil.copytree(cfg.data, data)
+    summary = T.run(dataclasses.replace(cfg, data=str(data)), log=quiet)
+    write_tone(data / "tone" / "new.wav", seconds=0.6, sr=16000)  # the folder grows after training
+    result = evaluate(cfg.out)
+    assert (result["n"], result["accuracy"]) == (summary["n_test"], pytest.approx(summary["test_accuracy"]))
+    shutil.rmtree(data / "noise")
+    partial = evaluate(cfg.out, data=str(data))
+    assert partial["missing_classes"] == ["noise"] and sorted(partial["per_class"]) == ["chirp", "clicks", "tone"]
+    assert evaluate_main([cfg.out, "--data", str(data)]) == 0
+    assert "the data holds no clip of 1 of the run's classes: noise" in capsys.readouterr().out
+    assert evaluate_main([cfg.out]) == 2  # a recorded test clip is gone: said in one line, not re-split
+    err = capsys.readouterr().err.strip()
+    assert "a test clip of" in err and "is missing" in err and "\n" not in err
+
+
+def test_a_config_from_another_version_is_one_line(cfg, capsys):
+    from jaxtl.evaluate import main as evaluate_main
+
+    Path(cfg.out).mkdir(parents=True)
+    Path(cfg.out, "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "warp_factor": 9}))
+    assert T.main(["--resume", "--out", cfg.out]) == 2
+    assert evaluate_main([cfg.out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("another jaxtl version (settings warp_factor are unknown" in e for e in err)
+
+
+KILL = textwrap.dedent("""
     import json, os, signal, sys
+    import orbax.checkpoint as ocp
     from jaxtl import train as T
-    cfg = T.TrainConfig(**json.loads(sys.argv[1]))
-    def die(stage, epoch):
-        if epoch == 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-    T.run(cfg, log=lambda *_: None, on_epoch_end=die)
+    cfg, how, n = T.TrainConfig(**json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3])
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    if how == "step":  # before the n-th train step: between two steps of an epoch
+        real_init, calls = T.Steps.__init__, []
+        def init(self, *a, **k):
+            real_init(self, *a, **k)
+            train = self.train
+            def counted(*a, **k):
+                calls.append(1)
+                if len(calls) == n:
+                    die()
+                return train(*a, **k)
+            self.train = counted
+        T.Steps.__init__ = init
+    elif how == "between-saves":  # after the first of the two saves (best, latest) of the n-th epoch
+        real_save, saves = ocp.CheckpointManager.save, {}
+        def save(self, step, *a, **k):
+            saves[step] = saves.get(step, 0) + 1
+            if saves[step] == 2 and len(saves) == n:
+                die()
+            return real_save(self, step, *a, **k)
+        ocp.CheckpointManager.save = save
+    elif how == "mid-save":  # inside the n-th save to `latest`: data written, not yet renamed into place
+        from orbax.checkpoint._src.path import atomicity
+        real, calls = atomicity.AtomicRenameTemporaryPath.finalize, []
+        async def finalize(self, *a, **k):
+            if self.get_final().parent.name == "latest":
+                calls.append(1)
+            if len(calls) == n:
+                die()
+            return await real(self, *a, **k)
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    T.run(cfg, log=lambda *_: None)
 """)
 
 
-def _whole_run_then_killed_run(cfg, tmp_path, script):
-    """An uninterrupted run into tmp_path/whole, then the same config run by `script`, which SIGKILLs itself."""
-    T.run(dataclasses.replace(cfg, out=str(tmp_path / "whole")), log=quiet)
-    killed = subprocess.run([sys.executable, "-c", script, json.dumps(dataclasses.asdict(cfg))],
+def _killed_run(cfg, how: str, n: int) -> None:
+    """`cfg` run in a subprocess that SIGKILLs itself as `how` and `n` say (see KILL)."""
+    killed = subprocess.run([sys.executable, "-c", KILL, json.dumps(dataclasses.asdict(cfg)), how, str(n)],
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
 
 
-def test_resume_after_sigkill_continues_with_the_same_losses(cfg, tmp_path):
-    cfg = dataclasses.replace(cfg, epochs=4, dropout=0.3)
-    _whole_run_then_killed_run(cfg, tmp_path, KILL_SCRIPT)
-    assert len(_losses(cfg.out)) == 2
-    T.run(dataclasses.replace(cfg, resume=True), log=quiet)
-    np.testing.assert_allclose(_losses(cfg.out), _losses(tmp_path / "whole"), rtol=1e-5)
+def _rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_four_devices_match_one(cfg, tmp_path):
+@pytest.fixture(scope="module")
+def whole(data_dir, tmp_path_factory):
+    """A 4-epoch fine-tuning run (steps fed from the host, dropout on: every rng in play), run uninterrupted:
+    the reference of every interrupted-then-resumed run below."""
+    root = tmp_path_factory.mktemp("resume")
+    cfg = T.TrainConfig(data=str(data_dir), image_size=32, epochs=4, batch_size=8, weights="random", normalize=True,
+                        mode="finetune", dropout=0.3, lr=3e-4, patience=0, out=str(root / "whole"),
+                        cache_dir=str(root / "cache"), workers=1, progress=False)
     T.run(cfg, log=quiet)
-    four = dataclasses.replace(cfg, out=str(tmp_path / "four"))
+    return cfg
+
+
+def test_sigkill_between_two_steps_then_resume_gives_the_uninterrupted_run(whole, tmp_path):
+    cfg = dataclasses.replace(whole, out=str(tmp_path / "run"))
+    per_epoch = _rows(whole.out)[0]["step"]
+    assert per_epoch >= 3
+    _killed_run(cfg, "step", per_epoch + 2)  # epoch 2, after its first step
+    assert len(_losses(cfg.out)) == 1
+    logs = []
+    T.run(dataclasses.replace(cfg, resume=True), log=logs.append)
+    assert any(f"after stage 1 epoch 1 (step {per_epoch})" in line for line in logs), logs
+    np.testing.assert_allclose(_losses(cfg.out), _losses(whole.out), rtol=1e-5)
+
+
+@pytest.mark.parametrize("part", ["state", "meta"])
+def test_resume_after_a_corrupt_newest_checkpoint_continues_from_the_one_before(whole, tmp_path, part):
+    cfg = dataclasses.replace(whole, out=str(tmp_path / "run"), epochs=2)
+    T.run(cfg, log=quiet)
+    latest = Path(cfg.out) / "checkpoints" / "latest"
+    newest = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    for f in (latest / str(newest) / part).rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"corrupt")
+    logs = []
+    T.run(dataclasses.replace(cfg, epochs=4, resume=True), log=logs.append)
+    assert any("after stage 1 epoch 1 " in line for line in logs), logs  # epoch 2's save was the corrupt one
+    np.testing.assert_allclose(_losses(cfg.out), _losses(whole.out), rtol=1e-5)
+
+
+def test_kill_between_saving_best_and_latest_keeps_the_best_model(whole, tmp_path):
+    best, last_improved = float("inf"), None
+    for epoch, row in enumerate(_rows(whole.out)):
+        if row["val_loss"] < best - 1e-7:
+            best, last_improved = row["val_loss"], epoch
+    assert last_improved and last_improved >= 1, "the reference run must improve after its first epoch"
+    cfg = dataclasses.replace(whole, out=str(tmp_path / "run"))
+    _killed_run(cfg, "between-saves", last_improved + 1)
+    T.run(dataclasses.replace(cfg, resume=True), log=quiet)
+    np.testing.assert_allclose(_losses(cfg.out), _losses(whole.out), rtol=1e-5)
+    want, got = T.restore_run(whole.out, "best"), T.restore_run(cfg.out, "best")
+    assert got.meta["epoch"] == want.meta["epoch"] == last_improved
+    for a, b in zip(jax.tree.leaves(want.variables), jax.tree.leaves(got.variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_sigkill_mid_checkpoint_save_resumes_from_the_previous_one(whole, tmp_path):
+    cfg = dataclasses.replace(whole, out=str(tmp_path / "run"))
+    _killed_run(cfg, "mid-save", 2)
+    first_step = T.Checkpoints(Path(cfg.out) / "checkpoints").steps()
+    assert len(first_step) == 1  # the half-written save does not count
+    T.run(dataclasses.replace(cfg, resume=True), log=quiet)
+    np.testing.assert_allclose(_losses(cfg.out), _losses(whole.out), rtol=1e-5)
+    want, got = T.restore_run(whole.out, "latest"), T.restore_run(cfg.out, "latest")
+    assert want.meta["epoch"] == got.meta["epoch"] == 3
+    for a, b in zip(jax.tree.leaves(want.variables), jax.tree.leaves(got.variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tmp_path_factory):
+    """The run every multi-device and multi-process run below must follow, in one process on one device."""
+    root = tmp_path_factory.mktemp("one")
+    cfg = T.TrainConfig(data=str(data_dir), image_size=32, epochs=3, batch_size=8, weights="random", normalize=True,
+                        out=str(root / "run"), cache_dir=str(root / "cache"), workers=1, progress=False, patience=0)
+    T.run(cfg, log=quiet)
+    return cfg
+
+
+FOUR_DEVICES = textwrap.dedent("""
+    import json, sys, jax, numpy as np
+    from jaxtl import train as T
+    from jaxtl.sharding import global_batch, make_mesh
+    assert len(jax.devices()) == 4
+    batch = global_batch(make_mesh(), {"x": np.arange(16.0).reshape(8, 2)})["x"]
+    rows = sorted((s.device.id, np.asarray(s.data)[:, 0].tolist()) for s in batch.addressable_shards)
+    assert [r for _, r in rows] == [[0.0, 2.0], [4.0, 6.0], [8.0, 10.0], [12.0, 14.0]], rows
+    T.run(T.TrainConfig(**json.loads(sys.argv[1])), log=lambda *_: None)
+""")
+
+
+def test_four_devices_follow_one_and_each_holds_a_quarter_of_a_batch(one_process, tmp_path):
+    four = dataclasses.replace(one_process, out=str(tmp_path / "four"), cache_dir=str(tmp_path / "fresh-cache"))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    script = ("import json,sys,jax; from jaxtl import train as T; assert len(jax.devices()) == 4; "
-              "T.run(T.TrainConfig(**json.loads(sys.argv[1])), log=lambda *_: None)")
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(dataclasses.asdict(four))], env=env,
+    proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES, json.dumps(dataclasses.asdict(four))], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    np.testing.assert_allclose(_losses(four.out), _losses(cfg.out), rtol=1e-4)
+    np.testing.assert_allclose(_losses(four.out), _losses(one_process.out), rtol=1e-4)
+    assert len(list(Path(four.cache_dir).glob("prefix-*.h5"))) == 1  # its own prefix pass ran, on 4 devices
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -189,10 +345,14 @@ def test_unknown_choice_is_rejected_by_the_parser(capsys):
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
-def test_resume_without_a_run_and_rerun_into_a_used_directory(cfg, capsys, tmp_path):
+def test_resume_without_a_run_or_a_checkpoint_and_rerun_into_a_used_directory(cfg, capsys, tmp_path):
     assert T.main(["--resume", "--out", str(tmp_path / "none")]) == 2
     assert "holds no run" in capsys.readouterr().err
-    T.run(dataclasses.replace(cfg, epochs=1), log=quiet)
+    Path(cfg.out).mkdir(parents=True)
+    Path(cfg.out, "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))  # killed before its first save
+    logs = []
+    T.run(dataclasses.replace(cfg, epochs=1, resume=True), log=logs.append)
+    assert any("had saved no checkpoint yet; starting over" in line for line in logs)
     with pytest.raises(T.ConfigError, match="already holds a run"):
         T.run(cfg, log=quiet)
 
@@ -234,37 +394,6 @@ def test_resume_takes_the_saved_config_and_only_the_flags_given(cfg, tmp_path):
     assert resumed == dataclasses.replace(cfg, resume=True, epochs=7)
 
 
-KILL_MID_SAVE = textwrap.dedent("""
-    import json, os, signal, sys
-    from orbax.checkpoint._src.path import atomicity
-    from jaxtl import train as T
-    cfg = T.TrainConfig(**json.loads(sys.argv[1]))
-    real, calls = atomicity.AtomicRenameTemporaryPath.finalize, []
-    async def finalize(self, *a, **k):
-        if self.get_final().parent.name == "latest":
-            calls.append(1)
-        if len(calls) == 2:  # epoch 2's save to `latest`: data written, not yet renamed into place
-            os.kill(os.getpid(), signal.SIGKILL)
-        return await real(self, *a, **k)
-    atomicity.AtomicRenameTemporaryPath.finalize = finalize
-    T.run(cfg, log=lambda *_: None)
-""")
-
-
-def test_sigkill_mid_checkpoint_save_resumes_from_the_previous_one(cfg, tmp_path):
-    cfg = dataclasses.replace(cfg, epochs=3, patience=0)
-    _whole_run_then_killed_run(cfg, tmp_path, KILL_MID_SAVE)
-    ckpt = T.Checkpoints(Path(cfg.out) / "checkpoints")
-    first_step = ckpt.steps()[0]
-    assert ckpt.steps() == [first_step]  # the half-written save does not count
-    T.run(dataclasses.replace(cfg, resume=True), log=quiet)
-    np.testing.assert_allclose(_losses(cfg.out), _losses(tmp_path / "whole"), rtol=1e-5)
-    whole, resumed = T.restore_run(tmp_path / "whole", "latest"), T.restore_run(cfg.out, "latest")
-    assert whole.meta["epoch"] == resumed.meta["epoch"] == 2
-    for a, b in zip(jax.tree.leaves(whole.variables), jax.tree.leaves(resumed.variables)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-
 def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(cfg, capsys):
     T.run(dataclasses.replace(cfg, epochs=1), log=quiet)
     steps_before = T.Checkpoints(Path(cfg.out) / "checkpoints").steps()
@@ -284,31 +413,55 @@ TWO_PROCESSES = textwrap.dedent("""
 """)
 
 
-def test_two_processes_follow_the_one_process_trajectory(cfg, tmp_path):
+def _two_processes(argv: list[str], per_process: list[list[str]]) -> list[subprocess.Popen]:
+    """`python -m jaxtl.train ARGV` as processes 0 and 1 of one run on 127.0.0.1 (finished, output read)."""
     import socket
 
-    T.run(cfg, log=quiet)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = str(tmp_path / "two")
-    base = ["--recipe", "seed", "--data", cfg.data, "--image-size", "32", "--epochs", "3", "--batch-size", "8",
-            "--weights", "random", "--normalize", "--out", out, "--cache-dir", cfg.cache_dir, "--workers", "1",
-            "--no-progress", "--patience", "0", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    argv = argv + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, json.dumps(base + ["--process-id", str(i)])],
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, json.dumps(argv + ["--process-id", str(i)]
+                                                                               + per_process[i])],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     try:
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        for p in procs:
+            p.output = p.communicate(timeout=300)[0]
     finally:
         for p in procs:
             p.kill()
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
-    assert "2 device(s), 2 process(es)" in outputs[0]
-    np.testing.assert_allclose(_losses(out), _losses(cfg.out), rtol=1e-4)
+    return procs
+
+
+def test_two_processes_with_fresh_caches_follow_the_one_process_run(one_process, tmp_path):
+    out, cache = str(tmp_path / "two"), tmp_path / "fresh-cache"
+    c = one_process
+    argv = ["--recipe", "seed", "--data", c.data, "--image-size", "32", "--epochs", "3", "--batch-size", "8",
+            "--weights", "random", "--normalize", "--out", out, "--cache-dir", str(cache), "--workers", "1",
+            "--no-progress", "--patience", "0"]
+    procs = _two_processes(argv, [[], []])
+    assert all(p.returncode == 0 for p in procs), procs[0].output[-3000:] + procs[1].output[-3000:]
+    assert "2 device(s), 2 process(es)" in procs[0].output
+    assert "(0 from cache, 40 computed)" in procs[0].output  # process 0 extracted, the other read its cache
+    assert len(list(cache.glob("prefix-*.h5"))) == 1  # the prefix pass ran split over both processes
+    np.testing.assert_allclose(_losses(out), _losses(c.out), rtol=1e-4)
     assert T.restore_run(out, "latest").meta["epoch"] == 2
+
+
+def test_two_processes_with_different_weights_stop_naming_them(one_process, tmp_path):
+    from jaxtl.model import VGG16Base
+    from jaxtl.weights import save_npz
+
+    file = tmp_path / "vgg.npz"
+    save_npz(VGG16Base().init(jax.random.PRNGKey(7), jnp.zeros((1, 32, 32, 3))), file)
+    argv = ["--data", one_process.data, "--image-size", "32", "--out", str(tmp_path / "two"), "--cache-dir",
+            str(tmp_path / "cache"), "--workers", "1", "--no-progress"]
+    procs = _two_processes(argv, [["--weights", "random"], ["--weights", str(file)]])
+    assert [p.returncode for p in procs] == [2, 2], procs[0].output[-3000:]
+    assert "the processes hold different weights (processes [0] vs [1])" in procs[0].output
 
 
 def test_augmentation_copies_extend_only_the_training_split(cfg):
@@ -343,32 +496,49 @@ def test_prefix_cache_computes_only_clips_it_has_not_seen(cfg, monkeypatch):
     assert calls == [20, 40 - 20]  # the third run computed nothing
 
 
-def test_bad_files_stop_the_run_or_are_skipped_and_reported(cfg, tmp_path):
+def test_bad_files_stop_the_run_or_are_skipped_and_reported(cfg, tmp_path, capsys):
     import shutil
 
     data = tmp_path / "data"
     shutil.copytree(cfg.data, data)
-    broken = data / "tone" / "broken.wav"
-    broken.write_text("not audio")
+    (data / "tone" / "broken.wav").write_text("not audio")
+    (data / "tone" / "cut.wav").write_bytes((data / "tone" / "tone_000.wav").read_bytes()[:60])  # 8 of its samples
+    write_tone(data / "tone" / "one.wav", seconds=1 / 8000)  # a single sample
     bad = dataclasses.replace(cfg, data=str(data), epochs=1, cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(T.DataError, match=r"broken\.wav: not a readable audio file"):
-        T.run(bad, log=quiet)
+    argv = ["--recipe", "seed", "--data", str(data), "--image-size", "32", "--epochs", "1", "--weights", "random",
+            "--cache-dir", bad.cache_dir, "--workers", "1", "--no-progress", "--out", str(tmp_path / "error")]
+    assert T.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "wav: " in err and "use --on-bad-file skip" in err
     summary = T.run(dataclasses.replace(bad, on_bad_file="skip", out=str(tmp_path / "skip")), log=quiet)
     assert summary["n_train"] + summary["n_val"] + summary["n_test"] == 40
-    assert "broken.wav" in (tmp_path / "skip" / "skipped.tsv").read_text()
-    assert any("broken.wav" in s for s in summary["skipped_files"])
+    skipped = (tmp_path / "skip" / "skipped.tsv").read_text()
+    assert "broken.wav\tnot a readable audio file" in skipped
+    assert "cut.wav\ttruncated: its header declares" in skipped
+    assert "one.wav\ttoo short: 3 samples at 22050 Hz" in skipped  # one sample at 8 kHz, resampled
 
 
-def test_bfloat16_compute_keeps_float32_params_and_optimizer_state(cfg):
-    T.run(dataclasses.replace(cfg, dtype="bfloat16", mode="finetune", epochs=1), log=quiet)
-    ckpt = T.Checkpoints(Path(cfg.out) / "checkpoints")
+def test_bfloat16_convolutions_run_in_bfloat16_and_saves_stay_float32(cfg):
+    import orbax.checkpoint as ocp
+
+    cfg = dataclasses.replace(cfg, dtype="bfloat16", mode="finetune", epochs=1)
     model = cfg.model(4)
     params, norm = T.init_params(model, cfg, (1, 32, 32, 3), None)
     labels = T.param_labels(params, 10)
-    template = T.create_train_state(params, norm, T.make_optimizer(cfg, labels, cfg.base_lr))
-    state, _ = T.restore_state(ckpt, template, 10)
-    assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
-    assert {leaf.dtype for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim} == {jnp.dtype("float32")}
+    tx = T.make_optimizer(cfg, labels, cfg.base_lr)
+    x = model.apply({"params": params}, jnp.zeros((2, 32, 32, 3)), 10, method=T.Classifier.prefix)
+    batch = {"x": x, "y": jnp.zeros(2, jnp.int32), "mask": jnp.ones(2)}
+    step = jax.jit(lambda s, b: T.train_step(s, b, jax.random.PRNGKey(0), model=model, cfg=cfg, tx=tx,
+                                             labels=labels, k=10, cached=True))
+    hlo = step.lower(T.create_train_state(params, norm, tx), batch).as_text()
+    convs = [line for line in hlo.splitlines() if "stablehlo.convolution" in line]
+    assert len(convs) >= 3 and all("xbf16>" in line.split("->")[-1] for line in convs), convs[:2]
+    T.run(cfg, log=quiet)
+    (step_dir,) = (Path(cfg.out) / "checkpoints" / "latest").iterdir()
+    with ocp.StandardCheckpointer() as c:
+        saved = c.restore((step_dir / "state").absolute())  # no template: the dtypes as written
+    assert {leaf.dtype for leaf in jax.tree.leaves(saved["params"])} == {np.dtype("float32")}
+    assert {leaf.dtype for leaf in jax.tree.leaves(saved["opt_state"]) if np.ndim(leaf)} == {np.dtype("float32")}
 
 
 def test_frozen_convs_are_written_once_per_run_not_by_every_epoch(cfg):
