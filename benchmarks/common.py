@@ -7,6 +7,8 @@ import os
 import platform
 from pathlib import Path
 
+from jaxtl.config import RECIPES, TrainConfig
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -45,12 +47,13 @@ FSDD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd" /
 HED = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "hed_bsds500.weights.h5"
 CACHE = Path(__file__).resolve().parents[1] / ".jaxtl_cache"
 
-# The configurations the studies compare, as TrainConfig overrides of the seed recipe.
-SEED_RECIPE: dict = {}
-LOGMEL_8K = {"representation": "logmel", "sample_rate": 8000, "n_fft": 512, "win_length": 256, "hop_length": 64,
-             "n_mels": 128, "fmax": 4000.0, "fit": "stretch", "preprocess": "caffe"}
-LINEAR_TAPS = {"taps": "3,4,5", "pooling": "avgmax", "normalize": True, "hidden": 0, "weight_decay": 1e-4,
-               "epochs": 100, "patience": 10, "plateau_patience": 4}
+# The configurations the studies compare, as TrainConfig overrides of the seed recipe: the jaxtl recipe
+# (jaxtl.config.RECIPES, the one table) and its parts, so each lever can be tried alone.
+SEED_RECIPE: dict = RECIPES["seed"]
+_FEATURES = ("representation", "sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "fmax", "fit",
+             "preprocess")
+LOGMEL_8K = {k: v for k, v in RECIPES["jaxtl"].items() if k in _FEATURES}
+LINEAR_TAPS = {k: v for k, v in RECIPES["jaxtl"].items() if k not in _FEATURES and k != "image_dtype"}
 
 CONFIGS = {
     "seed": SEED_RECIPE,
@@ -77,11 +80,10 @@ def run_config(overrides: dict, seed: int, size: int, weights: str, data: Path =
     import dataclasses
     import tempfile
 
-    from jaxtl import train as T
+    from jaxtl.train import run
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = T.TrainConfig(data=str(data), image_size=size, weights=weights, seed=seed, out=out,
-                            cache_dir=str(CACHE), progress=False,
-                            init_seed=0 if weights == "random" else None)
+        cfg = TrainConfig(data=str(data), image_size=size, weights=weights, seed=seed, out=out,
+                          cache_dir=str(CACHE), progress=False, init_seed=0 if weights == "random" else None)
         cfg = dataclasses.replace(cfg, **{**overrides, **extra})
-        return T.run(cfg, log=lambda *_: None)
+        return run(cfg, log=lambda *_: None)

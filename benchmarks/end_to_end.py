@@ -26,8 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pipeline import seed_loop  # noqa: E402
 
 from common import FSDD, machine, write_results  # noqa: E402
-from jaxtl import train as T  # noqa: E402
+from jaxtl.config import TrainConfig  # noqa: E402
 from jaxtl.data import discover, subset  # noqa: E402
+from jaxtl.train import run  # noqa: E402
 
 PEER = Path(__file__).parent / "peers" / "keras_end_to_end.py"
 
@@ -42,11 +43,11 @@ def job_clips(n: int) -> tuple[list[str], list[str], np.ndarray]:
 
 
 def jaxtl_job(tmp: Path, paths: list[str], labels: list[str], mode: str, epochs: int = 10,
-              size: int = 224) -> T.TrainConfig:
+              size: int = 224) -> TrainConfig:
     """jaxtl doing the seed's job from the wav files, with fresh feature and prefix caches in `tmp`."""
     manifest = tmp / "clips.csv"
     manifest.write_text("".join(f"{p},{label}\n" for p, label in zip(paths, labels)))
-    return T.TrainConfig(data=str(manifest), mode=mode, epochs=epochs, patience=0, plateau_patience=0,
+    return TrainConfig(data=str(manifest), mode=mode, epochs=epochs, patience=0, plateau_patience=0,
                          val_method="tail", image_size=size, weights="random", seed=42, out=str(tmp / f"run-{mode}"),
                          cache_dir=str(tmp / f"cache-{mode}"), progress=False, lr=1e-3)
 
@@ -65,7 +66,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             cfg = jaxtl_job(Path(tmp), paths, labels, mode, args.epochs, args.size)
             t = time.perf_counter()
-            summary = T.run(cfg, log=lambda *_: None)
+            summary = run(cfg, log=lambda *_: None)
             jaxtl_s = time.perf_counter() - t
             # Keras: the seed's per-file feature loop, then fit / a train_on_batch loop
             t = time.perf_counter()

@@ -25,8 +25,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, write_results  # noqa: E402
-from jaxtl import train as T  # noqa: E402
+from jaxtl.config import DTYPES, TrainConfig  # noqa: E402
 from jaxtl.model import Classifier  # noqa: E402
+from jaxtl.split import SplitPoint  # noqa: E402
+from jaxtl.steps import create_train_state, init_params, train_step  # noqa: E402
 
 # name: (split k, prefix cached?)
 MODES = {
@@ -61,7 +63,7 @@ def _median_time(fn, args, steps: int, warmup: int = 2) -> float:
 
 def matmul_ceiling(dtype: str, steps: int = 10) -> float:
     n = 8192 if jax.devices()[0].platform != "cpu" else 2048
-    dt = T.DTYPES[dtype]
+    dt = DTYPES[dtype]
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
     f = jax.jit(lambda x: x @ x)
     return 2 * n**3 / _median_time(f, (a,), steps)
@@ -69,21 +71,21 @@ def matmul_ceiling(dtype: str, steps: int = 10) -> float:
 
 def time_mode(name: str, batch: int, size: int, dtype: str, steps: int, classes: int = 10) -> dict:
     k, cached = MODES[name]
-    cfg = T.TrainConfig(image_size=size, batch_size=batch, dtype=dtype, mode="scratch" if k == 0 else "finetune",
-                        weights=None if k == 0 else "random", progress=False)
+    cfg = TrainConfig(image_size=size, batch_size=batch, dtype=dtype, mode="scratch" if k == 0 else "finetune",
+                      weights=None if k == 0 else "random", progress=False)
     model = cfg.model(classes)
-    params, norm = T.init_params(model, cfg, (1, size, size, 3), None)
-    labels = T.param_labels(params, k)
-    tx = T.make_optimizer(cfg, labels, cfg.base_lr)
-    state = T.create_train_state(params, norm, tx)
+    params, norm = init_params(model, size, cfg.seed)
+    split = SplitPoint(k, cached)
+    tx = cfg.stages()[0].optimizer.transform(split.labels(params))
+    state = create_train_state(params, norm, tx)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(0, 1, (batch, size, size, 3)), jnp.float32)
-    if cached:  # what the frozen prefix hands the step: its split-point inputs
-        x = T._host_inputs(jax.jit(lambda p, im: model.apply({"params": p}, im, k, method=Classifier.prefix))(
-            params, x))
+    if cached:  # what the frozen prefix hands the step: its split-point inputs (no activation left at k = 13)
+        x = jax.jit(lambda p, im: model.apply({"params": p}, im, k, method=Classifier.prefix))(params, x)
+        x = {name: a for name, a in x.items() if a is not None}
     b = {"x": x, "y": jnp.asarray(rng.integers(0, classes, batch), jnp.int32), "mask": jnp.ones(batch)}
-    step = jax.jit(functools.partial(T.train_step, rng=jax.random.PRNGKey(0), model=model, cfg=cfg, tx=tx,
-                                     labels=labels, k=k, cached=cached))
+    step = jax.jit(functools.partial(train_step, rng=jax.random.PRNGKey(0), model=model, split=split,
+                                     augment=cfg.augment(), preprocess=cfg.preprocess, tx=tx))
     t = time.perf_counter()
     compiled = step.lower(state, b).compile()
     compile_s = time.perf_counter() - t

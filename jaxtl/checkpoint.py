@@ -23,7 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxtl.split import SplitPoint
 
 log = logging.getLogger(__name__)
 
@@ -70,24 +74,34 @@ def check_shapes(where, template: dict, stored: dict) -> None:
 
 
 class Checkpoints:
-    def __init__(self, directory: str | os.PathLike, keep: int = 2):
+    """A run's `checkpoints/`. With `frozen` (the split point of the convs no stage trains), states are saved
+    without those convs, which `save_frozen` writes once, and restored states get them back."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 2, frozen: SplitPoint | None = None):
         self.directory = Path(directory)
+        self.frozen = frozen
         self.latest = _manager(self.directory / "latest", keep)
         self.best = _manager(self.directory / "best", 1)
 
+    def _trained_part(self, state):
+        return state if self.frozen is None else state.replace(params=self.frozen.partition(state.params)[1])
+
     def save(self, step: int, state, meta: dict, best: bool) -> None:
+        state = self._trained_part(state)
         args = lambda: ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))  # noqa: E731
         if best:
             _put(self.best, step, args())
         _put(self.latest, step, args())
 
-    def save_frozen(self, frozen: dict) -> None:
+    def save_frozen(self, params: dict) -> None:
+        """The convs no stage trains, written once per run (a resumed run finds them in place)."""
+        convs = jax.tree.map(np.asarray, self.frozen.partition(params)[0])
         path = (self.directory / "frozen").absolute()
-        if frozen and not path.exists():
+        if convs and not path.exists():
             with ocp.StandardCheckpointer() as c:
-                c.save(path, frozen)
+                c.save(path, convs)
 
-    def restore_frozen(self, template: dict) -> dict:
+    def _restore_frozen(self, template: dict) -> dict:
         if not template:
             return {}
         path = (self.directory / "frozen").absolute()
@@ -110,6 +124,13 @@ class Checkpoints:
         from the same save. `template` is the state's shape, or a function of the save's meta giving it
         (a progressive run's optimizer state depends on the stage the meta names)."""
         template_for = template if callable(template) else (lambda _: template)
+        state, meta, step = self._restore(lambda meta: self._trained_part(template_for(meta)), which)
+        if self.frozen is not None:
+            convs = self._restore_frozen(self.frozen.partition(template_for(meta).params)[0])
+            state = state.replace(params=SplitPoint.join(convs, state.params))
+        return state, meta, step
+
+    def _restore(self, template_for: Callable[[dict], Any], which: str) -> tuple[Any, dict, int]:
         manager = getattr(self, which)
         manager.reload()
         steps = sorted(manager.all_steps(), reverse=True)

@@ -11,54 +11,39 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 
-from jaxtl.cache import cached_features, file_key
+from jaxtl.cache import file_key
 from jaxtl.checkpoint import CheckpointError
+from jaxtl.config import ConfigError
 from jaxtl.data import DataError, discover
 from jaxtl.images import RaggedFeatures
-from jaxtl.train import SPLIT_RECORD, ConfigError, predict_logits, read_split_record, restore_run
+from jaxtl.pipeline import usable_features
+from jaxtl.restore import RestoredRun, predict_logits, restore_run
+from jaxtl.rundir import recorded_test_clips
 
 
-def recorded_test_clips(run_dir: Path) -> tuple[list[str], list[str]]:
-    """(paths, labels) of the run's own test set, as its split record holds it; a file changed since training
-    is an error, never a silently different test set."""
-    record_path = run_dir / SPLIT_RECORD
-    clips = [c for c in read_split_record(record_path)["clips"] if c["side"] == "test"]
-    for c in clips:
-        try:
-            st = os.stat(c["path"])
-        except OSError:
-            raise DataError(f"{c['path']}: a test clip of {record_path} is missing; evaluate with --data DIR "
-                            "to use the files as they are now") from None
-        if (st.st_size, st.st_mtime_ns) != (c["size"], c["mtime_ns"]):
-            raise DataError(f"{c['path']}: changed since training (size or mtime differ from {record_path}); "
-                            "evaluate with --data DIR to use the files as they are now")
-    return [c["path"] for c in clips], [c["label"] for c in clips]
-
-
-def labelled_clips(run, run_dir: Path, data: str | None, on_bad_file: str = "error"):
-    """(features, integer labels, skipped, clip keys) of the clips to evaluate, labels in the run's order."""
-    cfg = run.cfg
+def labelled_clips(restored: RestoredRun, run_dir: Path, data: str | None, on_bad_file: str = "error"):
+    """(features, integer labels, skipped, clip keys) of the clips to evaluate, labels in the run's order:
+    the run's recorded test set, or every clip of `data`."""
+    cfg = restored.cfg
     if data is None:
         paths, labels = recorded_test_clips(run_dir)
+        on_bad_file = "error"  # the recorded test set is evaluated whole or not at all
     else:
         ds = discover(data, "auto")
-        unknown = sorted(set(ds.labels) - set(run.classes))
+        unknown = sorted(set(ds.labels) - set(restored.classes))
         if unknown:
-            raise DataError(f"{data}: label {unknown[0]!r} is not one the run was trained on ({run.classes})")
+            raise DataError(f"{data}: label {unknown[0]!r} is not one the run was trained on ({restored.classes})")
         paths, labels = ds.paths, ds.labels
-    feats, errors, _ = cached_features(paths, cfg.features(), cfg.cache_dir or None, cfg.workers, cfg.progress)
-    if errors and (on_bad_file == "error" or data is None):
-        raise DataError(f"{errors[0]} (use --on-bad-file skip to go on without it)")
-    ok = [i for i, f in enumerate(feats) if f is not None]
-    y = np.searchsorted(run.classes, [labels[i] for i in ok])
-    return RaggedFeatures.from_list([feats[i] for i in ok]), y, errors, [file_key(paths[i]) for i in ok]
+    feats, ok, errors, _ = usable_features(paths, cfg.features(), cfg.cache_dir or None, cfg.workers, cfg.progress,
+                                           on_bad_file)
+    y = np.searchsorted(restored.classes, [labels[i] for i in ok])
+    return RaggedFeatures.from_list(feats), y, errors, [file_key(paths[i]) for i in ok]
 
 
 def save_confusion_png(cm: np.ndarray, classes: list[str], path: Path) -> None:
@@ -81,18 +66,19 @@ def save_confusion_png(cm: np.ndarray, classes: list[str], path: Path) -> None:
 
 
 def evaluate(run_dir: str, data: str | None = None, which: str = "best", on_bad_file: str = "error") -> dict:
-    run = restore_run(run_dir, which)
-    feats, y, skipped, keys = labelled_clips(run, Path(run_dir), data, on_bad_file)
-    pred = predict_logits(run, feats, keys=keys).argmax(-1)
+    restored = restore_run(run_dir, which)
+    feats, y, skipped, keys = labelled_clips(restored, Path(run_dir), data, on_bad_file)
+    pred = predict_logits(restored, feats, keys=keys).argmax(-1)
+    classes = restored.classes
     present = sorted(set(y.tolist()))
-    names = [run.classes[i] for i in present]
+    names = [classes[i] for i in present]
     report = classification_report(y, pred, labels=present, target_names=names, output_dict=True, zero_division=0)
-    cm = confusion_matrix(y, pred, labels=list(range(len(run.classes))))
+    cm = confusion_matrix(y, pred, labels=list(range(len(classes))))
     png = Path(run_dir) / "confusion_matrix.png"
-    save_confusion_png(cm, run.classes, png)
-    return {"accuracy": float(np.mean(pred == y)), "n": int(len(y)), "classes": run.classes,
+    save_confusion_png(cm, classes, png)
+    return {"accuracy": float(np.mean(pred == y)), "n": int(len(y)), "classes": classes,
             "per_class": {c: report[c] for c in names},
-            "missing_classes": [c for i, c in enumerate(run.classes) if i not in present],
+            "missing_classes": [c for i, c in enumerate(classes) if i not in present],
             "confusion_matrix": cm.tolist(), "predictions": pred.tolist(), "confusion_png": str(png),
             "skipped": [str(e) for e in skipped]}
 

@@ -133,3 +133,23 @@ def preprocess(images01, mode: str):
     if mode == "caffe":
         return caffe(images01 * 255.0)
     raise ValueError(f"unknown preprocess {mode!r}: use one of {PREPROCESS_MODES}")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a run turns clips' features into network input: the one place those five settings travel."""
+
+    size: int = 224
+    fit: str = "pad"
+    storage: str = "float32"
+    band_norm: bool = False
+    preprocess: str = "unit"
+
+    def batch(self, feats: RaggedFeatures, idx) -> np.ndarray:
+        """Host-side (N, size, size, 3) images of clips `idx`, in the storage dtype."""
+        batch, lengths = feats.padded(idx, self.size if self.fit == "pad" else None)
+        return to_images(batch, lengths, self.size, self.fit, self.storage, self.band_norm)
+
+    def network_input(self, images):
+        """Stored images -> what VGG16 sees (inside jitted code)."""
+        return preprocess(decode(images), self.preprocess)

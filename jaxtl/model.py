@@ -25,20 +25,6 @@ N_CONV = len(CONV_LAYERS)
 BLOCK_END = (0, 2, 4, 7, 10, 13)
 
 
-def block_split(block: int) -> int:
-    """Split index after `block` (0..5) full blocks, pool included."""
-    if not 0 <= block <= 5:
-        raise ValueError(f"block must be in 0..5, got {block}")
-    return BLOCK_END[block]
-
-
-def output_shape(height: int, width: int, start: int, stop: int) -> tuple[int, int, int]:
-    """Shape (H, W, C) of the base's activations after running convs [start, stop) on an HxW image."""
-    channels = CONV_LAYERS[stop - 1][1] if stop > 0 else 3
-    pools = sum(1 for end in BLOCK_END[1:] if end <= stop)
-    return height // 2**pools, width // 2**pools, channels
-
-
 class VGG16Base(nn.Module):
     """Keras' `VGG16(include_top=False)`: NHWC in, (N, H/32, W/32, 512) out; params keep Keras names.
 
@@ -142,6 +128,3 @@ class Classifier(nn.Module):
     def head_inputs(self, x, start: int = 0):
         """The head's (unnormalised) input: what the normalisation statistics are fitted on."""
         return self.advance(x, start, N_CONV)["taps"]
-
-    def features(self, x, stop: int = N_CONV):
-        return self.base(x, start=0, stop=stop)

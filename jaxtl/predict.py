@@ -13,23 +13,24 @@ import numpy as np
 
 from jaxtl.audio import BadAudio, file_features
 from jaxtl.checkpoint import CheckpointError
+from jaxtl.config import ConfigError
 from jaxtl.data import DataError
 from jaxtl.images import RaggedFeatures
-from jaxtl.train import ConfigError, predict_logits, restore_run
+from jaxtl.restore import predict_logits, restore_run
 
 
 def predict(run_dir: str, files: list[str], top_k: int = 3, which: str = "best") -> list[dict]:
-    run = restore_run(run_dir, which)
-    feats, errors = file_features(files, run.cfg.features())
+    restored = restore_run(run_dir, which)
+    feats, errors = file_features(files, restored.cfg.features())
     if errors:
         raise errors[0]
-    logits = predict_logits(run, RaggedFeatures.from_list(feats))
+    logits = predict_logits(restored, RaggedFeatures.from_list(feats))
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     out = []
     for f, p in zip(files, probs):
         top = np.argsort(-p)[:top_k]
-        out.append({"file": f, "top": [{"label": run.classes[i], "probability": float(p[i])} for i in top]})
+        out.append({"file": f, "top": [{"label": restored.classes[i], "probability": float(p[i])} for i in top]})
     return out
 
 

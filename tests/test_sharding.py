@@ -2,20 +2,6 @@ import numpy as np
 import pytest
 
 from jaxtl.sharding import global_batch, make_mesh, prefetch
-from jaxtl.train import batches
-
-
-def test_batches_cover_every_clip_once_and_mask_the_padding():
-    seen = []
-    for idx, mask in batches(45, 16, 4, np.random.default_rng(0)):
-        assert len(idx) == 16 and len(mask) == 16
-        seen += list(idx[mask > 0])
-    assert sorted(seen) == list(range(45))
-
-
-def test_batch_size_rounds_up_to_the_device_count():
-    idx, mask = next(batches(10, 6, 4, None))
-    assert len(idx) == 8 and mask.sum() == 8
 
 
 def test_global_batch_is_sharded_along_data():

@@ -1,0 +1,287 @@
+"""The run config: every setting of a run in one typed dataclass, the recipes, and the CLI bridge.
+
+`python -m jaxtl.train` only fills a `TrainConfig`: its flags, help texts and choices are generated
+from the dataclass fields, and a recipe is a dict of overrides on the field defaults (the seed's). Lower
+modules never import this one: functions there take the values they use, not the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from jaxtl import images as imagelib
+from jaxtl.audio import REPRESENTATIONS, FeatureConfig
+from jaxtl.data import LAYOUTS, SPLITS
+from jaxtl.images import ImageSpec
+from jaxtl.model import N_CONV, Classifier
+from jaxtl.pipeline import DataSpec
+from jaxtl.split import SplitPoint
+from jaxtl.steps import Augment, Optimizer
+
+MODES = ("frozen", "finetune", "progressive", "scratch")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(Exception):
+    """A run setting that cannot work; one line naming the flag."""
+
+
+def setting(default, doc: str, **kw):
+    """A config field with its help text (and choices) for the generated CLI."""
+    return field(default=default, metadata={"help": doc, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; `python -m jaxtl.train` only fills it.
+
+    Field defaults are the seed recipe's (`--recipe seed`); `TrainConfig.from_recipe("jaxtl")` and the
+    CLI's default apply the settings that make the transfer work (see RECIPES and the README).
+    """
+
+    recipe: str = setting("seed", "the recipe these settings started from (informational)")
+
+    # data
+    data: str | None = setting(None, "dataset directory or CSV manifest (default: $JAXTL_DATA, else FSDD "
+                                "downloaded, else the built-in synthetic set)")
+    layout: str = setting("auto", "dataset layout", choices=LAYOUTS)
+    split: str = setting("stratified", "test split: stratified 80/20, by group (speaker), or as the data marks it",
+                    choices=SPLITS)
+    val_method: str = setting("stratified", "validation split: stratified, or the tail of the training part as "
+                                       "Keras' validation_split", choices=("stratified", "tail"))
+    test_size: float = setting(0.2, "fraction of clips held out for test")
+    test_group: str | None = setting(None, "with --split group: the group (speaker) held out for test")
+    val_size: float = setting(0.2, "fraction of the training part used for validation")
+    max_clips: int | None = setting(None, "use a stratified subset of this many clips")
+    train_clips: int | None = setting(None, "train (fit + validation) on a stratified subset of this many clips of the "
+                                       "training split; the test split stays the same")
+    split_seed: int | None = setting(None, "seed of the test/validation splits alone (default: --seed)")
+    on_bad_file: str = setting("error", "a file that cannot be decoded: stop, or skip and report it",
+                          choices=("error", "skip"))
+    # features and images
+    representation: str = setting("mfcc", "feature image", choices=REPRESENTATIONS)
+    sample_rate: int = setting(22050, "resample audio to this rate (Hz)")
+    n_mfcc: int = setting(13, "MFCC coefficients")
+    n_fft: int = setting(2048, "FFT size")
+    win_length: int | None = setting(None, "STFT window (samples; default n_fft)")
+    hop_length: int = setting(512, "STFT hop (samples)")
+    n_mels: int = setting(128, "mel bands")
+    fmax: float | None = setting(None, "highest mel frequency (Hz; default sample_rate / 2)")
+    image_size: int = setting(224, "square image side (pixels)")
+    fit: str = setting("pad", "time axis: zero-pad/truncate (seed) or stretch each clip to the width",
+                  choices=imagelib.FIT_MODES)
+    preprocess: str = setting("unit", "network input: [0,1] images (seed) or Keras' caffe preprocessing",
+                         choices=imagelib.PREPROCESS_MODES)
+    band_norm: bool = setting(False, "subtract each feature band's mean over the clip (per-utterance normalisation)")
+    image_dtype: str = setting("float32", "host-side image dtype; uint8 moves 4x fewer bytes to the device",
+                          choices=imagelib.STORAGE_DTYPES)
+    # model
+    weights: str | None = setting(None, "imagenet | a weight file | random (default: imagenet when found, "
+                                   "else random init, announced)")
+    mode: str = setting("frozen", "what trains", choices=MODES)
+    finetune_convs: int = setting(3, "conv layers unfrozen by finetune/progressive (3 = the last block)")
+    hidden: int = setting(256, "head hidden units (0: a linear head)")
+    dropout: float = setting(0.0, "head dropout rate")
+    pooling: str = setting("flatten", "how the head sees each tapped block's output",
+                      choices=("flatten", "avg", "avgmax"))
+    taps: str = setting("5", "blocks whose pooled outputs feed the head, e.g. 3,4,5 (the seed: 5)")
+    normalize: bool = setting(False, "standardise head inputs with statistics of the training split")
+    dtype: str = setting("float32", "compute dtype of the convolutions (params stay float32)", choices=tuple(DTYPES))
+    # optimisation
+    epochs: int = setting(10, "epochs (stage 1 of progressive)")
+    finetune_epochs: int = setting(10, "epochs of progressive's stage 2")
+    batch_size: int = setting(32, "global batch size")
+    lr: float = setting(1e-3, "Adam learning rate of the head")
+    base_lr: float = setting(1e-5, "Adam learning rate of unfrozen base layers")
+    weight_decay: float = setting(0.0, "decoupled weight decay of the head")
+    patience: int = setting(3, "early stopping patience in epochs on validation loss (0: off)")
+    plateau_patience: int = setting(2, "epochs without improvement before the learning rate is cut (0: off)")
+    plateau_factor: float = setting(0.5, "learning-rate factor on a plateau")
+    # augmentation (any of these runs the frozen prefix inside the step)
+    noise_std: float = setting(0.0, "Gaussian noise std added to [0,1] images")
+    time_shift: int = setting(0, "random circular time shift of up to this many image columns")
+    time_mask: int = setting(0, "SpecAugment time mask of up to this many columns")
+    freq_mask: int = setting(0, "SpecAugment frequency mask of up to this many rows")
+    augment_copies: int = setting(0, "offline: pitch-shifted, time-stretched copies of each training clip (cached)")
+    pitch_shift: float = setting(2.0, "largest pitch shift of a copy, in semitones")
+    time_stretch: float = setting(0.1, "largest tempo change of a copy (0.1: rates 0.9 to 1.1)")
+    # run
+    seed: int = setting(42, "seed of splits, init, shuffling and augmentation")
+    init_seed: int | None = setting(None, "seed of a random base's init alone (default: --seed)")
+    out: str | None = setting(None, "run directory (default: a new runs/RECIPE-YYYYmmdd-HHMMSS)")
+    resume: bool = setting(False, "continue the run in --out from its latest checkpoint")
+    cache_dir: str | None = setting(".jaxtl_cache", "feature cache directory ('' to disable)")
+    cache_prefix: bool = setting(True, "run the frozen prefix once per clip when inputs do not change")
+    workers: int | None = setting(None, "feature extraction processes (default: all cores)")
+    keep_checkpoints: int = setting(2, "latest checkpoints kept")
+    progress: bool = setting(True, "progress bars")
+    # several cooperating processes (hosts); default: the usual environment variables, else one process
+    coordinator: str | None = setting(None, "multi-process: coordinator address host:port")
+    num_processes: int | None = setting(None, "multi-process: number of processes")
+    process_id: int | None = setting(None, "multi-process: this process's id")
+
+    def validate(self) -> TrainConfig:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r}: use one of {choices}")
+        checks = [
+            (self.image_size >= 32, "--image-size must be at least 32 (five 2x2 pools)"),
+            (self.batch_size >= 1, "--batch-size must be positive"),
+            (self.epochs >= 0 and self.finetune_epochs >= 0, "--epochs must not be negative"),
+            (0 < self.test_size < 1, "--test-size must be between 0 and 1"),
+            (0 <= self.val_size < 1, "--val-size must be in [0, 1)"),
+            (1 <= self.finetune_convs <= N_CONV, f"--finetune-convs must be in 1..{N_CONV}"),
+            (self.lr > 0 and self.base_lr > 0, "learning rates must be positive"),
+            (not (self.mode == "scratch" and self.weights not in (None, "random")),
+             "--mode scratch trains from random init; drop --weights"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        _ = self.tap_blocks
+        return self
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "jaxtl", **overrides) -> TrainConfig:
+        if recipe not in RECIPES:
+            raise ConfigError(f"--recipe {recipe!r}: use one of {tuple(RECIPES)}")
+        return cls(**{**RECIPES[recipe], "recipe": recipe, **overrides})
+
+    def augment(self) -> Augment:
+        return Augment(self.noise_std, self.time_shift, self.time_mask, self.freq_mask)
+
+    def image_spec(self) -> ImageSpec:
+        return ImageSpec(self.image_size, self.fit, self.image_dtype, self.band_norm, self.preprocess)
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(self.features(), self.data, self.layout, self.split, self.val_method, self.test_size,
+                        self.test_group, self.val_size, self.max_clips, self.train_clips, self.seed,
+                        self.split_seed, self.on_bad_file, self.augment_copies, self.pitch_shift, self.time_stretch,
+                        self.cache_dir or None, self.workers, self.progress)
+
+    def features(self) -> FeatureConfig:
+        return FeatureConfig(representation=self.representation, sample_rate=self.sample_rate,
+                             n_mfcc=self.n_mfcc, n_fft=self.n_fft, win_length=self.win_length,
+                             hop_length=self.hop_length, n_mels=self.n_mels, fmax=self.fmax)
+
+    def model(self, num_classes: int) -> Classifier:
+        return Classifier(num_classes, hidden=self.hidden, dropout=self.dropout, pooling=self.pooling,
+                          normalize=self.normalize, dtype=DTYPES[self.dtype], taps=self.tap_blocks)
+
+    @property
+    def tap_blocks(self) -> tuple[int, ...]:
+        try:
+            blocks = tuple(sorted({int(b) for b in self.taps.split(",")}))
+        except ValueError:
+            blocks = ()
+        if not blocks or not all(1 <= b <= 5 for b in blocks):
+            raise ConfigError(f"--taps {self.taps!r}: give blocks 1..5 separated by commas, e.g. 3,4,5")
+        return blocks
+
+    def stages(self) -> list[Stage]:
+        """Each training stage: its split point, epochs and optimizer. Every stage's step eats cached
+        split-point inputs when the prefix can run once per clip (no in-step augmentation, a prefix at all)."""
+        k_tune = N_CONV - self.finetune_convs
+        plan = {"frozen": [(N_CONV, self.epochs, self.base_lr)],
+                "finetune": [(k_tune, self.epochs, self.base_lr)],
+                "progressive": [(N_CONV, self.epochs, self.base_lr), (k_tune, self.finetune_epochs, self.base_lr)],
+                "scratch": [(0, self.epochs, self.lr)]}[self.mode]
+        cached = self.cache_prefix and not self.augment() and min(k for k, _, _ in plan) > 0
+        return [Stage(SplitPoint(k, cached), epochs, Optimizer(self.lr, base_lr, self.weight_decay))
+                for k, epochs, base_lr in plan]
+
+    def always_frozen(self) -> SplitPoint:
+        """The convs no stage trains: saved once per run, and where the cached prefix stops."""
+        return min((s.split for s in self.stages()), key=lambda split: split.k)
+
+
+@dataclass(frozen=True)
+class Stage:
+    split: SplitPoint
+    epochs: int
+    optimizer: Optimizer
+
+
+# Settings that differ from the seed recipe's, with the evidence in benchmarks/results (README, "Transfer
+# quality"): standardised features from blocks 3-5 (avg+max pooled) into a linear head with early stopping,
+# and log-mel images of the audio's own band, stretched to the width, with VGG16's own preprocessing.
+RECIPES: dict[str, dict] = {
+    "seed": {},
+    "jaxtl": {
+        "representation": "logmel", "sample_rate": 8000, "n_fft": 512, "win_length": 256, "hop_length": 64,
+        "n_mels": 128, "fmax": 4000.0, "fit": "stretch", "preprocess": "caffe", "image_dtype": "uint8",
+        "taps": "3,4,5", "pooling": "avgmax", "normalize": True, "hidden": 0, "weight_decay": 1e-4,
+        "epochs": 100, "patience": 10, "plateau_patience": 4,
+    },
+}
+
+
+def saved_config(out: str | os.PathLike) -> dict:
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{out} holds no run (no config.json)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path}: unreadable ({e})") from None
+
+
+def load_config(settings: dict, where) -> TrainConfig:
+    """A saved config as a TrainConfig; settings this version does not know are a one-line error."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"{where}: written by another jaxtl version (settings {', '.join(unknown)} are unknown "
+                          "here); use that version, or start a new run")
+    return TrainConfig(**settings)
+
+
+def _parse_type(annotation: str, value: str):
+    if value.lower() in ("none", "") and "None" in annotation:
+        return None
+    base = annotation.replace(" | None", "").strip()
+    return {"int": int, "float": float, "str": str}[base](value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags for every TrainConfig field; only the flags given override the chosen recipe."""
+    parser = argparse.ArgumentParser(prog="python -m jaxtl.train", description=(TrainConfig.__doc__ or "").strip())
+    parser.add_argument("--recipe", default="jaxtl", choices=tuple(RECIPES),
+                        help="starting settings: jaxtl (what learns, see README) or seed (the Keras recipe exactly); "
+                             "every other flag overrides them (default: jaxtl)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "recipe":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        defaults = f"default: {f.default}"
+        if f.name in RECIPES["jaxtl"]:
+            defaults = f"default: {RECIPES['jaxtl'][f.name]}; seed recipe: {f.default}"
+        kw = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} ({defaults})"}
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(flag, type=functools.partial(_parse_type, f.type), metavar=f.name.upper(),
+                                choices=f.metadata.get("choices"), **kw)
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    """The recipe with the given flags on top; with --resume, the run's saved config with them on top."""
+    args = vars(build_parser().parse_args(argv))
+    recipe = args.pop("recipe")
+    if args.get("resume"):
+        if not args.get("out"):
+            raise ConfigError("--resume needs --out: the run directory to continue")
+        return load_config({**saved_config(args["out"]), **args}, Path(args["out"]) / "config.json")
+    return TrainConfig.from_recipe(recipe, **args)
+
+

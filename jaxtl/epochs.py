@@ -1,0 +1,117 @@
+"""One pass over a set of clips, and the epoch-level control of training (early stopping, LR on plateau).
+
+A head-only stage on cached inputs runs a whole epoch as one device program over inputs kept on the
+devices; any other stage feeds one jitted step per batch, prepared on a host thread. The divergence
+check stays on the device (no host sync per step) and stops the run before a non-finite state is saved.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtl.pipeline import StepFeed, batches
+from jaxtl.sharding import global_batch, is_main_process, local_rows, prefetch
+from jaxtl.steps import EvalPrograms, compile_time
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    accuracy: float
+    clips: int
+    seconds: float  # without compilation
+    compile_seconds: float
+
+
+def means(totals) -> tuple[float, float]:
+    """(mean loss, accuracy) from [loss sum, correct count, row count]."""
+    t = np.asarray(totals)
+    return float(t[0] / max(t[2], 1)), float(t[1] / max(t[2], 1))
+
+
+def diverged(step: int, desc: str) -> FloatingPointError:
+    return FloatingPointError(f"training diverged: non-finite loss at step {step} ({desc}); stopped before "
+                              "saving it, the last good checkpoint stays in place")
+
+
+def run_epoch(programs: EvalPrograms, state, feed: StepFeed, clip_ids: np.ndarray, batch_size: int, mesh,
+              rng, desc: str, train: bool, progress: bool = False):
+    """One pass over `clip_ids` (shuffled by `rng` when training); returns (state, EpochResult)."""
+    with compile_time() as compiled:
+        t0 = time.perf_counter()
+        plan = list(batches(len(clip_ids), batch_size, mesh.size, np.random.default_rng(rng) if train else None))
+        if programs.scanned:
+            state, totals = _scanned(programs, state, feed, clip_ids, plan, mesh, desc, train)
+        else:
+            state, totals = _host_fed(programs, state, feed, clip_ids, plan, mesh, desc, train, progress)
+        wall = time.perf_counter() - t0
+    loss, acc = means(totals)
+    return state, EpochResult(loss, acc, int(np.asarray(totals)[2]), wall - compiled[0], compiled[0])
+
+
+def _scanned(programs, state, feed: StepFeed, clip_ids, plan, mesh, desc: str, train: bool):
+    idx = np.stack([clip_ids[i] for i, _ in plan]).astype(np.int32)
+    mask = np.stack([m for _, m in plan])
+    first = int(state.step)
+    scan = programs.train_scan if train else programs.eval_scan
+    state, per_step = scan(state, feed.on_device(mesh), idx, mask)
+    per_step = np.asarray(per_step)
+    bad = np.flatnonzero(~np.isfinite(per_step[:, 0]))
+    if train and len(bad):
+        raise diverged(first + int(bad[0]) + 1, desc)
+    return state, per_step.sum(0)
+
+
+def _host_fed(programs, state, feed: StepFeed, clip_ids, plan, mesh, desc: str, train: bool, progress: bool):
+    from tqdm.auto import tqdm
+
+    host = ((idx, mask, feed(clip_ids[local_rows(idx)[0]])) for idx, mask in plan)
+    totals, first_bad = jnp.zeros(3), jnp.asarray(-1)
+    show = progress and is_main_process()
+    with tqdm(total=len(plan), desc=desc, unit="batch", disable=not show, leave=False) as bar:
+        for i, (idx, mask, x) in enumerate(prefetch(host)):
+            idx, mask = local_rows(idx, mask)
+            y = feed.prep.y[clip_ids[idx]].astype(np.int32)
+            batch = global_batch(mesh, {"x": x, "y": y, "mask": mask})
+            if train:
+                state, metrics = programs.train(state, batch)
+                bad = ~jnp.isfinite(metrics[0]) & (first_bad < 0)
+                first_bad = jnp.where(bad, state.step, first_bad)  # stays on device: no sync per step
+            else:
+                metrics, _ = programs.eval(state, batch)
+            totals = totals + metrics
+            bar.update(1)
+            if show and (i % 10 == 0 or i == len(plan) - 1):
+                loss, acc = means(totals)
+                bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+    if int(first_bad) >= 0:
+        raise diverged(int(first_bad), desc)
+    return state, np.asarray(totals)
+
+
+@dataclass
+class Plateau:
+    """Early stopping and reduce-on-plateau counters, both on the monitored (validation) loss."""
+
+    best: float = float("inf")
+    bad: int = 0
+    plateau_bad: int = 0
+
+    def update(self, loss: float, plateau_patience: int) -> tuple[bool, bool]:
+        """(improved, cut the learning rate) after an epoch with this loss."""
+        if loss < self.best - 1e-7:
+            self.best, self.bad, self.plateau_bad = loss, 0, 0
+            return True, False
+        self.bad += 1
+        self.plateau_bad += 1
+        cut = bool(plateau_patience) and self.plateau_bad >= plateau_patience
+        if cut:
+            self.plateau_bad = 0
+        return False, cut
+
+    def stop(self, patience: int) -> bool:
+        return bool(patience) and self.bad >= patience

@@ -1,0 +1,80 @@
+"""A finished (or interrupted) run as a model: what evaluate, predict and notebooks use, never the trainer.
+
+The model is rebuilt from the run's own `config.json` at the run's own image size (a flatten head's
+shape depends on it), and the state comes from one checkpoint save with its meta.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxtl.checkpoint import Checkpoints
+from jaxtl.config import TrainConfig, load_config, saved_config
+from jaxtl.images import RaggedFeatures
+from jaxtl.model import Classifier
+from jaxtl.pipeline import map_batches, take
+from jaxtl.prefix import cached_prefix, prefix_key
+from jaxtl.sharding import make_mesh
+from jaxtl.steps import abstract_state, use_compile_cache
+
+
+@dataclass
+class RestoredRun:
+    cfg: TrainConfig
+    model: Classifier
+    variables: dict  # {'params': ..., 'norm': ...}
+    classes: list[str]
+    meta: dict
+
+
+def state_template_for(cfg: TrainConfig):
+    """meta -> the train state's shapes for the classes and stage that meta names (what `Checkpoints.restore`
+    takes)."""
+    stages = cfg.stages()
+
+    def template(meta: dict):
+        stage = stages[meta["stage"]]
+        return abstract_state(cfg.model(len(meta["classes"])), cfg.image_size, stage.split, stage.optimizer)
+
+    return template
+
+
+def restore_run(run_dir: str | os.PathLike, which: str = "best") -> RestoredRun:
+    """The model of a run as saved in its `best` (or `latest`) checkpoint."""
+    run_dir = Path(run_dir)
+    cfg = load_config(saved_config(run_dir), run_dir / "config.json")
+    use_compile_cache(cfg.cache_dir)
+    ckpt = Checkpoints(run_dir / "checkpoints", frozen=cfg.always_frozen())
+    try:
+        state, meta, _ = ckpt.restore(state_template_for(cfg), which)
+    finally:
+        ckpt.close()
+    return RestoredRun(cfg, cfg.model(len(meta["classes"])), {"params": state.params, "norm": state.norm},
+                       meta["classes"], meta)
+
+
+def predict_logits(restored: RestoredRun, feats: RaggedFeatures, keys: list[str] | None = None,
+                   batch_size: int | None = None) -> np.ndarray:
+    """Logits for every clip of `feats`. With the clips' `keys`, the frozen prefix comes from the run's
+    prefix cache where it holds them (the frozen weights in the checkpoint are the ones it was keyed by),
+    so evaluating a run's own clips costs no second VGG16 pass."""
+    cfg, mesh, model = restored.cfg, make_mesh(), restored.model
+    images, split = cfg.image_spec(), cfg.stages()[-1].split
+    batch_size = batch_size or cfg.batch_size
+    n = len(feats)
+    if keys is not None and cfg.cache_dir and split.cached:
+        params = restored.variables["params"]
+        key = prefix_key(params, split.k, images, cfg.features().key(), cfg.dtype, cfg.taps, cfg.pooling)
+        acts = cached_prefix(model, params, keys, feats, split.k, images, batch_size, mesh, cfg.cache_dir, key,
+                             log=lambda *_: None)
+        fn = jax.jit(lambda v, x: {"logits": model.apply(v, x, start=split.k)})
+        rows_of = lambda ids: take(acts, ids)  # noqa: E731
+    else:
+        fn = jax.jit(lambda v, x: {"logits": model.apply(v, images.network_input(x))})
+        rows_of = lambda ids: images.batch(feats, ids)  # noqa: E731
+    return map_batches(lambda x: fn(restored.variables, x), n, batch_size, mesh, rows_of)["logits"]

@@ -1,0 +1,73 @@
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxtl.config import RECIPES, TrainConfig, build_parser, config_from_args
+from jaxtl.train import main
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--image-size", "16"], "--image-size must be at least 32"),
+    (["--mode", "scratch", "--weights", "x.h5"], "--mode scratch trains from random init"),
+    (["--test-size", "1.5"], "--test-size must be between 0 and 1"),
+])
+def test_bad_flags_give_one_line_errors(argv, message, capsys, tmp_path):
+    assert main(argv + ["--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_unknown_choice_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--mode", "sideways"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_help_documents_every_setting():
+    text = " ".join(build_parser().format_help().split())
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text
+    assert "seed recipe: 10)" in text and "(default: 32)" in text and "(default: 0.001)" in text
+
+
+SEED_SETTINGS = {  # the Keras recipe as written
+    "representation": "mfcc", "sample_rate": 22050, "n_mfcc": 13, "n_fft": 2048, "hop_length": 512, "n_mels": 128,
+    "image_size": 224, "fit": "pad", "preprocess": "unit", "mode": "frozen", "taps": "5", "pooling": "flatten",
+    "hidden": 256, "dropout": 0.0, "normalize": False, "epochs": 10, "batch_size": 32, "lr": 1e-3,
+    "base_lr": 1e-5, "val_size": 0.2, "test_size": 0.2, "split": "stratified", "seed": 42, "patience": 3,
+    "plateau_patience": 2, "plateau_factor": 0.5, "finetune_convs": 3, "weight_decay": 0.0,
+}
+
+
+def test_recipe_seed_reproduces_the_seed_settings(tmp_path):
+    cfg = config_from_args(["--recipe", "seed"])
+    assert cfg.recipe == "seed"
+    assert {k: getattr(cfg, k) for k in SEED_SETTINGS} == SEED_SETTINGS
+    assert config_from_args(["--recipe", "seed", "--epochs", "3"]).epochs == 3
+
+
+def test_default_recipe_is_jaxtl_and_flags_override_it():
+    cfg = config_from_args([])
+    assert cfg.recipe == "jaxtl" and cfg.normalize and cfg.taps == "3,4,5"
+    assert {k: getattr(cfg, k) for k in RECIPES["jaxtl"]} == RECIPES["jaxtl"]
+    assert config_from_args(["--no-normalize", "--taps", "5"]).normalize is False
+
+
+def test_resume_takes_the_saved_config_and_only_the_flags_given(cfg, tmp_path):
+    Path(cfg.out).mkdir(parents=True)
+    Path(cfg.out, "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    resumed = config_from_args(["--resume", "--out", cfg.out, "--epochs", "7"])
+    assert resumed == dataclasses.replace(cfg, resume=True, epochs=7)
+
+
+def test_a_config_from_another_version_is_one_line(cfg, capsys):
+    from jaxtl.evaluate import main as evaluate_main
+
+    Path(cfg.out).mkdir(parents=True)
+    Path(cfg.out, "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "warp_factor": 9}))
+    assert main(["--resume", "--out", cfg.out]) == 2
+    assert evaluate_main([cfg.out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("another jaxtl version (settings warp_factor are unknown" in e for e in err)

@@ -1,0 +1,53 @@
+import dataclasses
+
+import numpy as np
+
+from conftest import losses, quiet
+from jaxtl import prefix
+from jaxtl.model import N_CONV
+from jaxtl.pipeline import StepFeed, prepare
+from jaxtl.restore import restore_run
+from jaxtl.sharding import make_mesh
+from jaxtl.steps import init_params
+from jaxtl.train import run
+
+
+def test_cached_prefix_and_in_step_prefix_agree(cfg, tmp_path):
+    cfg = dataclasses.replace(cfg, mode="finetune", epochs=2)
+    run(dataclasses.replace(cfg, out=str(tmp_path / "a")), log=quiet)
+    run(dataclasses.replace(cfg, cache_prefix=False, out=str(tmp_path / "b")), log=quiet)
+    np.testing.assert_allclose(losses(tmp_path / "a"), losses(tmp_path / "b"), rtol=1e-4)
+
+
+def test_normalisation_statistics_come_from_the_training_split(cfg):
+    prep = prepare(cfg.data_spec(), log=quiet)
+    model = cfg.model(len(prep.classes))
+    params, _ = init_params(model, 32, cfg.seed)
+    mesh, images = make_mesh(), cfg.image_spec()
+    acts = prefix.compute_prefix(model, params, prep.feats, np.arange(len(prep.y)), N_CONV, images, 8, mesh)
+    norm = prefix.head_input_statistics(model, params, StepFeed(prep, images, acts), prep.train, N_CONV, True,
+                                        images, 8, mesh)
+    flat = acts["taps"]
+    np.testing.assert_allclose(norm["head"]["mean"], flat[prep.train].mean(0), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(norm["head"]["mean"], flat.mean(0))  # not fitted on val or test
+    run(cfg, log=quiet)
+    restored = restore_run(cfg.out)
+    np.testing.assert_allclose(restored.variables["norm"]["head"]["mean"], flat[prep.train].mean(0), rtol=1e-5,
+                               atol=1e-7)
+
+
+def test_prefix_cache_computes_only_clips_it_has_not_seen(cfg, monkeypatch):
+    calls = []
+    real = prefix.compute_prefix
+
+    def counting(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(len(next(iter(out.values()))))
+        return out
+
+    monkeypatch.setattr(prefix, "compute_prefix", counting)
+    small = dataclasses.replace(cfg, max_clips=20, epochs=1, out=cfg.out + "-small", cache_dir=cfg.out + "-cache")
+    run(small, log=quiet)
+    run(dataclasses.replace(small, max_clips=None, out=cfg.out + "-all"), log=quiet)
+    run(dataclasses.replace(small, max_clips=None, out=cfg.out + "-again"), log=quiet)
+    assert calls == [20, 40 - 20]  # the third run computed nothing

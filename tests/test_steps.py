@@ -1,0 +1,84 @@
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import quiet
+from jaxtl.model import CONV_NAMES, Classifier
+from jaxtl.split import SplitPoint
+from jaxtl.steps import Augment, compile_time, create_train_state, init_params, train_step
+from jaxtl.train import run
+
+
+def _leaves_changed(a, b):
+    return jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != np.asarray(y))), a, b)
+
+
+def _step(cfg, k: int, cached: bool):
+    """(state, jitted step, batch) of a stage split at k, on 4 random 32x32 images or their prefix at k."""
+    model = cfg.model(3)
+    params, norm = init_params(model, 32, cfg.seed)
+    split = SplitPoint(k, cached)
+    tx = cfg.stages()[0].optimizer.transform(split.labels(params))
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
+    if cached:
+        x = model.apply({"params": params}, x, k, method=Classifier.prefix)
+    batch = {"x": x, "y": jnp.array([0, 1, 2, 0]), "mask": jnp.ones(4)}
+    step = jax.jit(lambda s, b: train_step(s, b, jax.random.PRNGKey(1), model=model, split=split, augment=Augment(),
+                                           preprocess=cfg.preprocess, tx=tx))
+    return create_train_state(params, norm, tx), step, batch
+
+
+@pytest.mark.parametrize("mode,k", [("frozen", 13), ("finetune", 10), ("finetune-1", 12), ("scratch", 0)])
+def test_each_mode_trains_exactly_its_set(cfg, mode, k):
+    cfg = dataclasses.replace(cfg, mode=mode.split("-")[0], finetune_convs=1 if mode.endswith("-1") else 3,
+                              lr=1e-2, base_lr=1e-2, weights=None if mode == "scratch" else "random")
+    assert cfg.stages()[0].split.k == k
+    for cached in (False, True):
+        state, step, batch = _step(cfg, k, cached)
+        new, _ = step(state, batch)
+        changed = _leaves_changed(state.params, new.params)
+        for i, name in enumerate(CONV_NAMES):
+            want = i >= k
+            assert changed["base"][name]["kernel"] == want, (mode, name, cached)
+            if not want:  # frozen: bit-identical, the very same values
+                np.testing.assert_array_equal(new.params["base"][name]["kernel"], state.params["base"][name]["kernel"])
+        assert all(jax.tree.leaves(changed["head"]))
+
+
+def test_bfloat16_convolutions_run_in_bfloat16_and_saves_stay_float32(cfg):
+    import orbax.checkpoint as ocp
+
+    cfg = dataclasses.replace(cfg, dtype="bfloat16", mode="finetune", epochs=1)
+    state, step, batch = _step(cfg, 10, cached=True)
+    convs = [line for line in step.lower(state, batch).as_text().splitlines() if "stablehlo.convolution" in line]
+    assert len(convs) >= 3 and all("xbf16>" in line.split("->")[-1] for line in convs), convs[:2]
+    run(cfg, log=quiet)
+    (step_dir,) = (Path(cfg.out) / "checkpoints" / "latest").iterdir()
+    with ocp.StandardCheckpointer() as c:
+        saved = c.restore((step_dir / "state").absolute())  # no template: the dtypes as written
+    assert {leaf.dtype for leaf in jax.tree.leaves(saved["params"])} == {np.dtype("float32")}
+    assert {leaf.dtype for leaf in jax.tree.leaves(saved["opt_state"]) if np.ndim(leaf)} == {np.dtype("float32")}
+
+
+def test_compile_time_counts_compilation_once():
+    f = jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.5)
+    x = jnp.arange(7.0)
+    with compile_time() as first:
+        f(x).block_until_ready()
+    with compile_time() as again:
+        f(x).block_until_ready()
+    assert first[0] > 0 and again[0] == 0.0
+
+
+def test_augment_masks_and_shifts_per_clip():
+    images = jnp.ones((4, 8, 16, 3))
+    masked = Augment(time_mask=6, freq_mask=4)(images, jax.random.PRNGKey(0))
+    assert masked.shape == images.shape and float(masked.min()) == 0.0 and float(masked.max()) == 1.0
+    ramp = jnp.broadcast_to(jnp.arange(16.0)[None, None, :, None], (4, 8, 16, 3))
+    shifted = Augment(time_shift=3)(ramp, jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(jnp.sort(shifted, axis=2), ramp)  # a circular shift keeps every column
+    assert not Augment() and Augment(noise_std=0.1)
