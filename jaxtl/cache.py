@@ -65,7 +65,6 @@ def file_key(path: str, perturbation: Perturbation | None = None) -> str:
 
 class FeatureCache:
     def __init__(self, directory: str | os.PathLike, cfg: FeatureConfig):
-        self.cfg = cfg
         self.path = Path(directory) / f"features-{cfg.key()}.h5"
         self.settings = json.dumps(asdict(cfg), sort_keys=True)
 
@@ -85,6 +84,8 @@ class FeatureCache:
 
     def add(self, entries: dict[str, np.ndarray]) -> None:
         """Merge `entries` into the file as it is now (another run may have added clips since we read it)."""
+        if not entries:
+            return
         with locked(self.path):
             self._write({**self.load(), **entries})
 

@@ -66,9 +66,12 @@ def _params(state) -> dict:
 
 def check_shapes(where, template: dict, stored: dict) -> None:
     """Every param of `template` has its stored shape; else one line naming the array and both shapes."""
-    have = _shapes(stored)
-    for name, shape in _shapes(template).items():
-        if name in have and have[name] != shape:
+    have, want = _shapes(stored), _shapes(template)
+    for name in sorted(set(have) ^ set(want)):
+        where_found = "the checkpoint" if name in have else "the model the run's config builds"
+        raise CheckpointError(f"{where}: params/{name} is only in {where_found} (was the run's config changed?)")
+    for name, shape in want.items():
+        if have[name] != shape:
             raise CheckpointError(f"{where}: params/{name} has shape {have[name]} in the checkpoint but {shape} "
                                   "in the model the run's config builds")
 

@@ -23,8 +23,9 @@ from jaxtl.data import LAYOUTS, SPLITS
 from jaxtl.images import ImageSpec
 from jaxtl.model import N_CONV, Classifier
 from jaxtl.pipeline import DataSpec
+from jaxtl.prefix import prefix_key
 from jaxtl.split import SplitPoint
-from jaxtl.steps import Augment, Optimizer
+from jaxtl.steps import Augment, Optimizer, abstract_state
 
 MODES = ("frozen", "finetune", "progressive", "scratch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -198,6 +199,21 @@ class TrainConfig:
         cached = self.cache_prefix and not self.augment() and min(k for k, _, _ in plan) > 0
         return [Stage(SplitPoint(k, cached), epochs, Optimizer(self.lr, base_lr, self.weight_decay))
                 for k, epochs, base_lr in plan]
+
+    def prefix_cache_key(self, params, k: int) -> str:
+        """The prefix cache's key for this run's settings and frozen weights."""
+        return prefix_key(params, k, self.image_spec(), self.features().key(), self.dtype,
+                          ",".join(map(str, self.tap_blocks)), self.pooling)
+
+    def state_template(self, meta: dict):
+        """The train state's shapes for the classes and stage a checkpoint's meta names, at this run's image
+        size, computed without compute: what `Checkpoints.restore` restores into."""
+        stages = self.stages()
+        if not 0 <= meta["stage"] < len(stages):
+            raise ConfigError(f"a checkpoint of stage {meta['stage'] + 1} does not fit --mode {self.mode} "
+                              f"({len(stages)} stage(s)); resume or evaluate with the run's own settings")
+        stage = stages[meta["stage"]]
+        return abstract_state(self.model(len(meta["classes"])), self.image_size, stage.split, stage.optimizer)
 
     def always_frozen(self) -> SplitPoint:
         """The convs no stage trains: saved once per run, and where the cached prefix stops."""

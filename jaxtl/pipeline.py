@@ -176,7 +176,9 @@ def map_batches(fn: Callable, n: int, batch_size: int, mesh, rows_of: Callable, 
         result = jax.tree.map(to_host, fn(global_batch(mesh, x)))
         real = mask > 0
         for name, a in result.items():
-            out.setdefault(name, np.zeros((n,) + a.shape[1:], a.dtype))[idx[real]] = a[real]
+            if name not in out:
+                out[name] = np.zeros((n,) + a.shape[1:], a.dtype)
+            out[name][idx[real]] = a[real]
         if progress is not None:
             progress(int(real.sum()))
     return out

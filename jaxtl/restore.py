@@ -18,9 +18,9 @@ from jaxtl.config import TrainConfig, load_config, saved_config
 from jaxtl.images import RaggedFeatures
 from jaxtl.model import Classifier
 from jaxtl.pipeline import map_batches, take
-from jaxtl.prefix import cached_prefix, prefix_key
+from jaxtl.prefix import cached_prefix
 from jaxtl.sharding import make_mesh
-from jaxtl.steps import abstract_state, use_compile_cache
+from jaxtl.steps import use_compile_cache
 
 
 @dataclass
@@ -32,18 +32,6 @@ class RestoredRun:
     meta: dict
 
 
-def state_template_for(cfg: TrainConfig):
-    """meta -> the train state's shapes for the classes and stage that meta names (what `Checkpoints.restore`
-    takes)."""
-    stages = cfg.stages()
-
-    def template(meta: dict):
-        stage = stages[meta["stage"]]
-        return abstract_state(cfg.model(len(meta["classes"])), cfg.image_size, stage.split, stage.optimizer)
-
-    return template
-
-
 def restore_run(run_dir: str | os.PathLike, which: str = "best") -> RestoredRun:
     """The model of a run as saved in its `best` (or `latest`) checkpoint."""
     run_dir = Path(run_dir)
@@ -51,7 +39,7 @@ def restore_run(run_dir: str | os.PathLike, which: str = "best") -> RestoredRun:
     use_compile_cache(cfg.cache_dir)
     ckpt = Checkpoints(run_dir / "checkpoints", frozen=cfg.always_frozen())
     try:
-        state, meta, _ = ckpt.restore(state_template_for(cfg), which)
+        state, meta, _ = ckpt.restore(cfg.state_template, which)
     finally:
         ckpt.close()
     return RestoredRun(cfg, cfg.model(len(meta["classes"])), {"params": state.params, "norm": state.norm},
@@ -69,9 +57,8 @@ def predict_logits(restored: RestoredRun, feats: RaggedFeatures, keys: list[str]
     n = len(feats)
     if keys is not None and cfg.cache_dir and split.cached:
         params = restored.variables["params"]
-        key = prefix_key(params, split.k, images, cfg.features().key(), cfg.dtype, cfg.taps, cfg.pooling)
-        acts = cached_prefix(model, params, keys, feats, split.k, images, batch_size, mesh, cfg.cache_dir, key,
-                             log=lambda *_: None)
+        acts = cached_prefix(model, params, keys, feats, split.k, images, batch_size, mesh, cfg.cache_dir,
+                             cfg.prefix_cache_key(params, split.k), log=lambda *_: None)
         fn = jax.jit(lambda v, x: {"logits": model.apply(v, x, start=split.k)})
         rows_of = lambda ids: take(acts, ids)  # noqa: E731
     else:

@@ -75,12 +75,14 @@ def read_split_record(run_dir: Path) -> dict:
 
 def check_same_split(record: dict, run_dir: Path) -> None:
     """A resumed run must train on the clips it started with."""
-    recorded = {(c["path"], c["side"]) for c in read_split_record(run_dir)["clips"]}
-    now = {(c["path"], c["side"]) for c in record["clips"]}
+    fields = ("path", "side", "label", "size", "mtime_ns")
+    recorded = {tuple(c[f] for f in fields) for c in read_split_record(run_dir)["clips"]}
+    now = {tuple(c[f] for f in fields) for c in record["clips"]}
     if now != recorded:
         changed = sorted(now ^ recorded)[0][0]
-        raise DataError(f"--resume: the data changed since the run started ({changed} is not where "
-                        f"{Path(run_dir) / SPLIT_RECORD} puts it); resume with the data as it was, or start a new run")
+        raise DataError(f"--resume: the data changed since the run started ({changed} is new, gone, moved to "
+                        f"another side or rewritten, against {Path(run_dir) / SPLIT_RECORD}); resume with the data "
+                        "as it was, or start a new run")
 
 
 def recorded_test_clips(run_dir: Path) -> tuple[list[str], list[str]]:

@@ -23,8 +23,7 @@ from jaxtl.config import ConfigError, TrainConfig, config_from_args
 from jaxtl.data import DataError
 from jaxtl.epochs import Plateau, run_epoch
 from jaxtl.pipeline import StepFeed, prepare
-from jaxtl.prefix import advance, cached_prefix, head_input_statistics, prefix_key
-from jaxtl.restore import state_template_for
+from jaxtl.prefix import advance, cached_prefix, head_input_statistics
 from jaxtl.rundir import (
     RunDirError,
     check_same_split,
@@ -73,7 +72,7 @@ def resolve_run_weights(mode: str, weights: str | None, log: Callable) -> tuple[
     return base_vars, source, digest
 
 
-def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None = None) -> dict:
+def run(cfg: TrainConfig, log: Callable = print) -> dict:
     """Train as `cfg` says; returns the summary (also written to OUT/summary.json)."""
     # ---------------------------------------------------------------- setup: run directory, weights, mesh
     t_start = time.perf_counter()
@@ -107,9 +106,8 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
     images = cfg.image_spec()
     acts = None
     if frozen.cached:
-        key = prefix_key(params, frozen.k, images, cfg.features().key(), cfg.dtype, cfg.taps, cfg.pooling)
         acts = cached_prefix(model, params, prep.keys, prep.feats, frozen.k, images, cfg.batch_size, mesh,
-                             cfg.cache_dir, key, cfg.progress, log)
+                             cfg.cache_dir, cfg.prefix_cache_key(params, frozen.k), cfg.progress, log)
     log(f"data: {len(prep.train)} train / {len(prep.val)} val / {len(prep.test)} test clips, "
         f"{len(prep.classes)} classes; mode {cfg.mode}; prefix {'cached' if frozen.cached else 'in the step'}; "
         f"{mesh.size} device(s), {jax.process_count()} process(es)")
@@ -123,10 +121,13 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
     ckpt.save_frozen(params)
     meta_base = {"classes": prep.classes, "config": dataclasses.asdict(cfg), "weights": weights_source,
                  "weights_digest": weights_digest}
-    template_for = state_template_for(cfg)
     start_stage, start_epoch, plateau, resumed = 0, 0, Plateau(), None
     if cfg.resume and ckpt.steps():  # state, epoch, stage and counters all from one save
-        resumed, meta, step = ckpt.restore(template_for)
+        resumed, meta, step = ckpt.restore(cfg.state_template)
+        if meta.get("weights_digest", weights_digest) != weights_digest:
+            raise CheckpointError(f"--resume: {out} trained on weights {meta['weights']} (digest "
+                                  f"{meta['weights_digest']}), this run resolved {weights_source} (digest "
+                                  f"{weights_digest}); resume with the same --weights")
         start_stage, start_epoch, plateau = meta["stage"], meta["epoch"] + 1, Plateau(**meta["counters"])
         log(f"resumed {out} after stage {start_stage + 1} epoch {start_epoch} (step {step})")
     elif cfg.resume:
@@ -149,9 +150,11 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
         best_params = None
         if resumed is not None and stage_index == start_stage:
             state = resumed
-            if ckpt.steps("best"):
-                best_state, best_meta, _ = ckpt.restore(template_for, "best")
+            try:
+                best_state, best_meta, _ = ckpt.restore(cfg.state_template, "best")
                 best_params = best_state.params if best_meta["stage"] == stage_index else None
+            except CheckpointError as e:  # `best` keeps one save: lost, the run goes on from `latest`
+                log(f"warning: {e}; the best model so far is taken from the resumed state")
         state = replicate(mesh, state)
         best_params = best_params if best_params is not None else state.params
         programs = TrainPrograms(model, stage.split, cfg.preprocess, mesh, cfg.augment(), tx, rng)
@@ -172,18 +175,18 @@ def run(cfg: TrainConfig, log: Callable = print, on_epoch_end: Callable | None =
             history.append({"stage": stage_index, "epoch": epoch, "step": int(state.step), "train_loss": tr.loss,
                             "train_acc": tr.accuracy, "val_loss": val.loss if val else None,
                             "val_acc": val.accuracy if val else None, "lr": cfg.lr * float(state.lr_scale),
-                            "seconds": tr.seconds, "compile_seconds": tr.compile_seconds,
+                            "seconds": tr.seconds,
+                            "compile_seconds": tr.compile_seconds + (val.compile_seconds if val else 0.0),
                             "images_per_s": tr.clips / tr.seconds})
             if main_process:
                 write_metrics(out, history)
             log(f"{desc}: loss {tr.loss:.4f} acc {tr.accuracy:.3f}"
                 + (f" | val loss {val.loss:.4f} acc {val.accuracy:.3f}" if val else "")
                 + f" | {tr.seconds:.2f}s, {tr.clips / tr.seconds:.0f} clips/s"
-                + (f" (+{tr.compile_seconds:.1f}s compile)" if tr.compile_seconds > 0.05 else ""))
+                + (f" (+{history[-1]['compile_seconds']:.1f}s compile)" if history[-1]["compile_seconds"] > 0.05
+                   else ""))
             meta = {**meta_base, "stage": stage_index, "epoch": epoch, "counters": dataclasses.asdict(plateau)}
             ckpt.save(int(state.step), state, meta, improved)
-            if on_epoch_end:
-                on_epoch_end(stage_index, epoch)
             if plateau.stop(cfg.patience):
                 log(f"early stopping: no validation improvement for {cfg.patience} epochs")
                 break

@@ -54,16 +54,15 @@ def test_crash_mid_write_keeps_the_old_cache(tmp_path, clips, monkeypatch):
     cached_features(clips[:3], cfg, tmp_path / "c", workers=1, progress=False)
     cache = FeatureCache(tmp_path / "c", cfg)
     before = cache.load()
+    assert len(before) == 3
 
-    real_concatenate = np.concatenate
-
-    def crash(*a, **k):
+    def crash(self):  # the new file's data is written, its `complete` mark and the rename are not
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(cachelib.np, "concatenate", crash)
+    monkeypatch.setattr(cachelib.h5py.File, "flush", crash)
     with pytest.raises(KeyboardInterrupt):
         cached_features(clips, cfg, tmp_path / "c", workers=1, progress=False)
-    monkeypatch.setattr(cachelib.np, "concatenate", real_concatenate)
+    monkeypatch.undo()
     after = cache.load()
     assert sorted(after) == sorted(before)
     assert not list((tmp_path / "c").glob("*.tmp"))
@@ -113,7 +112,8 @@ def test_feature_code_and_library_versions_key_the_cache(monkeypatch):
 
 
 def test_runs_sharing_a_cache_keep_each_others_entries(tmp_path, clips):
-    """Two runs that read the cache before either wrote: each write merges into the file as it is then."""
+    """Two runs that read the cache before either wrote: each write merges into the file as it is then (the
+    lock around that read-merge-write is what keeps two writers at once from interleaving; not exercised here)."""
     cfg = FeatureConfig()
     first, second = FeatureCache(tmp_path / "c", cfg), FeatureCache(tmp_path / "c", cfg)
     feats, _ = cachelib.extract(clips, cfg, workers=1, progress=False)

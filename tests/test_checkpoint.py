@@ -72,6 +72,15 @@ def test_a_shape_mismatch_is_named_not_taken_for_corruption(tmp_path):
         ckpt.restore(other)
 
 
+def test_a_param_on_one_side_only_is_named(tmp_path):
+    ckpt = Checkpoints(tmp_path / "c")
+    ckpt.save(1, _state(1.0), {"epoch": 1}, best=False)
+    other = _state(0.0)
+    other["params"]["extra"] = jnp.zeros(3)
+    with pytest.raises(CheckpointError, match="params/extra is only in the model the run's config builds"):
+        ckpt.restore(other)
+
+
 def test_best_is_written_before_latest(tmp_path, monkeypatch):
     ckpt = Checkpoints(tmp_path / "c")
     order = []

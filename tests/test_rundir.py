@@ -30,3 +30,22 @@ def test_without_out_each_run_gets_its_own_directory_and_resume_asks_for_one(cfg
         f"runs/{run_dir.name}"
     with pytest.raises(ConfigError, match="--resume needs --out"):
         config_from_args(["--resume"])
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(cfg, tmp_path):
+    import shutil
+
+    from conftest import write_tone
+    from jaxtl.data import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(cfg.data, data)
+    cfg = dataclasses.replace(cfg, data=str(data), epochs=1)
+    run(cfg, log=quiet)
+    write_tone(data / "tone" / "late.wav", seconds=0.5, sr=16000)
+    with pytest.raises(DataError, match="the data changed since the run started"):  # a new clip re-splits
+        run(dataclasses.replace(cfg, epochs=2, resume=True), log=quiet)
+    (data / "tone" / "late.wav").unlink()
+    write_tone(data / "chirp" / "chirp_000.wav", seconds=0.3, sr=16000)  # a clip rewritten in place
+    with pytest.raises(DataError, match="chirp_000.wav is new, gone, moved to another side or rewritten"):
+        run(dataclasses.replace(cfg, epochs=2, resume=True), log=quiet)

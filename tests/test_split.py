@@ -1,6 +1,5 @@
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jaxtl.model import CONV_NAMES, Classifier
@@ -35,4 +34,3 @@ def test_a_split_point_outside_the_base_is_refused():
     with pytest.raises(ValueError, match="0..13"):
         SplitPoint(14)
     assert SplitPoint(13).head_only and not SplitPoint(10).head_only
-    assert np.array_equal(SplitPoint(2).frozen_names, CONV_NAMES[:2])

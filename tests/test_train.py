@@ -190,6 +190,26 @@ def test_kill_between_saving_best_and_latest_keeps_the_best_model(whole, tmp_pat
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_resume_goes_on_without_an_unreadable_best_and_refuses_other_weights(whole, tmp_path, capsys):
+    import shutil
+
+    cfg = dataclasses.replace(whole, out=str(tmp_path / "run"))
+    shutil.copytree(whole.out, cfg.out)
+    latest = Path(cfg.out) / "checkpoints" / "latest"
+    shutil.rmtree(latest / str(max(int(p.name) for p in latest.iterdir())))  # as if killed before the last save
+    for f in (Path(cfg.out) / "checkpoints" / "best").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"corrupt")
+    logs = []
+    run(dataclasses.replace(cfg, resume=True), log=logs.append)
+    assert any("no readable checkpoint" in line and "taken from the resumed state" in line for line in logs)
+    np.testing.assert_allclose(losses(cfg.out), losses(whole.out), rtol=1e-5)
+    other = _weights_file(tmp_path / "vgg.npz")
+    assert main(["--resume", "--out", cfg.out, "--weights", str(other), "--epochs", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trained on weights random init" in err and "resume with the same --weights" in err and "\n" not in err
+
+
 def test_sigkill_mid_checkpoint_save_resumes_from_the_previous_one(whole, tmp_path):
     cfg = dataclasses.replace(whole, out=str(tmp_path / "run"))
     _killed_run(cfg, "mid-save", 2)
