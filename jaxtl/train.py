@@ -99,24 +99,11 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
         if prep.skipped:
             write_skipped(out, prep.skipped)
 
-    # ---------------------------------------------------------------- model and the frozen prefix, once per clip
+    # ---------------------------------------------------------------- model, checkpoints and resume
     model = cfg.model(len(prep.classes))
     params, norm = init_params(model, cfg.image_size, cfg.seed, base_vars, cfg.init_seed)
     stages, frozen = cfg.stages(), cfg.always_frozen()
     images = cfg.image_spec()
-    acts = None
-    if frozen.cached:
-        acts = cached_prefix(model, params, prep.keys, prep.feats, frozen.k, images, cfg.batch_size, mesh,
-                             cfg.cache_dir, cfg.prefix_cache_key(params, frozen.k), cfg.progress, log)
-    log(f"data: {len(prep.train)} train / {len(prep.val)} val / {len(prep.test)} test clips, "
-        f"{len(prep.classes)} classes; mode {cfg.mode}; prefix {'cached' if frozen.cached else 'in the step'}; "
-        f"{mesh.size} device(s), {jax.process_count()} process(es)")
-
-    def feed_at(k: int) -> StepFeed:  # a later split's input is one cheap suffix pass over the cached one
-        at_k = acts if acts is None or k == frozen.k else advance(model, params, acts, frozen.k, k, cfg.batch_size)
-        return StepFeed(prep, images, at_k)
-
-    # ---------------------------------------------------------------- checkpoints and resume
     ckpt = Checkpoints(out / "checkpoints", cfg.keep_checkpoints, frozen)
     ckpt.save_frozen(params)
     meta_base = {"classes": prep.classes, "config": dataclasses.asdict(cfg), "weights": weights_source,
@@ -134,6 +121,19 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
         log(f"--resume: {out} had saved no checkpoint yet; starting over")
     history = [h for h in read_metrics(out) if (h["stage"], h["epoch"]) < (start_stage, start_epoch)] \
         if resumed is not None else []
+
+    # ---------------------------------------------------------------- the frozen prefix, once per clip
+    acts = None
+    if frozen.cached:
+        acts = cached_prefix(model, params, prep.keys, prep.feats, frozen.k, images, cfg.batch_size, mesh,
+                             cfg.cache_dir, cfg.prefix_cache_key(params, frozen.k), cfg.progress, log)
+    log(f"data: {len(prep.train)} train / {len(prep.val)} val / {len(prep.test)} test clips, "
+        f"{len(prep.classes)} classes; mode {cfg.mode}; prefix {'cached' if frozen.cached else 'in the step'}; "
+        f"{mesh.size} device(s), {jax.process_count()} process(es)")
+
+    def feed_at(k: int) -> StepFeed:  # a later split's input is one cheap suffix pass over the cached one
+        at_k = acts if acts is None or k == frozen.k else advance(model, params, acts, frozen.k, k, cfg.batch_size)
+        return StepFeed(prep, images, at_k)
 
     # ---------------------------------------------------------------- stages and epochs
     rng = jax.random.PRNGKey(cfg.seed)
