@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -254,36 +255,50 @@ def _file_features_chunk(args):
     return file_features(*args)
 
 
+# Starting the pool (a fork server that pays librosa's first call) costs ~0.5 s more than it saves below a
+# few thousand clips on 2 cores: on a 2-core AMD EPYC, 2,500 clips took 3.56 s in this process and 3.00 s in
+# 2 workers with the seed's features, 2.12 s and 2.38 s with the jaxtl recipe's, and the pool lost at 100
+# and 500 clips with both (`python benchmarks/extract_pool.py`, benchmarks/results/extract_pool-cpu2.md).
+# So a worker gets at least this many clips.
+CLIPS_PER_WORKER = 1000
+
+
 def extract(paths: list[str], cfg: FeatureConfig, workers: int | None = None, progress: bool = True,
-            chunk: int = 64, perturb: list[Perturbation | None] | None = None
-            ) -> tuple[list[np.ndarray | None], list[BadAudio]]:
-    """`file_features` over many files, spread over processes.
+            chunk: int = 64, perturb: list[Perturbation | None] | None = None,
+            clips_per_worker: int = CLIPS_PER_WORKER) -> tuple[list[np.ndarray | None], list[BadAudio]]:
+    """`file_features` over many files, spread over processes when there are enough of them.
 
     Workers fork from a fresh server process that has imported this module once (JAX's threads make a
-    plain fork of the caller unsafe, and a spawn per worker pays the imports again).
+    plain fork of the caller unsafe, and a spawn per worker pays the imports again). If the workers cannot
+    start (a script without an `if __name__ == "__main__":` guard re-runs itself in them), the clips are
+    extracted in this process, with a warning.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     from tqdm.auto import tqdm
 
-    workers = workers or os.cpu_count() or 1
+    workers = max(1, min(workers or os.cpu_count() or 1, len(paths) // max(clips_per_worker, 1)))
     perturb = perturb or [None] * len(paths)
     chunks = [(paths[i:i + chunk], perturb[i:i + chunk]) for i in range(0, len(paths), chunk)]
-    bar = tqdm(total=len(paths), desc="features", unit="clip", disable=not progress, leave=False)
     results = []
-    if workers == 1 or len(chunks) == 1:
-        for c, pc in chunks:
+    with tqdm(total=len(paths), desc="features", unit="clip", disable=not progress, leave=False) as bar:
+        if workers > 1 and len(chunks) > 1:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["jaxtl.audio_worker"])
+            try:
+                with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as pool:
+                    for (c, _), r in zip(chunks, pool.map(_file_features_chunk, [(c, cfg, pc) for c, pc in chunks])):
+                        results.append(r)
+                        bar.update(len(c))
+            except BrokenProcessPool:
+                logging.getLogger(__name__).warning(
+                    "feature worker processes died (a script that calls jaxtl needs an `if __name__ == "
+                    "'__main__':` guard); extracting the remaining clips in this process")
+        for c, pc in chunks[len(results):]:  # every chunk when no pool ran
             results.append(file_features(c, cfg, pc))
             bar.update(len(c))
-    else:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["jaxtl.audio_worker"])
-        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as pool:
-            for (c, _), r in zip(chunks, pool.map(_file_features_chunk, [(c, cfg, pc) for c, pc in chunks])):
-                results.append(r)
-                bar.update(len(c))
-    bar.close()
     feats = [f for r in results for f in r[0]]
     errors = [e for r in results for e in r[1]]
     return feats, errors

@@ -131,7 +131,7 @@ def test_extract_in_processes_matches_in_process(tmp_path):
     paths.append(str(tmp_path / "bad.wav"))
     cfg = FeatureConfig()
     serial, e1 = extract(paths, cfg, workers=1, progress=False)
-    parallel, e2 = extract(paths, cfg, workers=2, progress=False, chunk=2)
+    parallel, e2 = extract(paths, cfg, workers=2, progress=False, chunk=2, clips_per_worker=1)
     for a, b in zip(serial[:-1], parallel[:-1]):
         # Workers pin BLAS to one thread; this process may use several, and a float32 sum in another order
         # differs by a few ulps of its largest terms (3.8e-6 seen on values of ~500 on a 2-core AMD EPYC):
@@ -151,3 +151,33 @@ def test_perturbed_copy_changes_tempo_and_pitch():
     higher = perturb_audio(y, sr, (12.0, 1.0))
     spectrum = np.abs(np.fft.rfft(higher))
     assert abs(np.argmax(spectrum) * sr / len(higher) - 880) < 10
+
+
+def test_small_jobs_start_no_worker_pool_and_a_dead_pool_falls_back(tmp_path, monkeypatch, caplog):
+    import concurrent.futures
+    from concurrent.futures.process import BrokenProcessPool
+
+    paths = [str(write_tone(tmp_path / f"{i}.wav", seconds=0.2, freq=300 + 40 * i)) for i in range(4)]
+    want, _ = extract(paths, FeatureConfig(), workers=1, progress=False)
+
+    class DeadPool:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def map(self, *a, **k):
+            raise BrokenProcessPool("a worker re-ran the caller's script")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", DeadPool)
+    small, _ = extract(paths, FeatureConfig(), workers=2, progress=False, chunk=1)  # 4 clips: no pool
+    assert not caplog.records
+    fallback, _ = extract(paths, FeatureConfig(), workers=2, progress=False, chunk=1, clips_per_worker=1)
+    assert "extracting the remaining clips in this process" in caplog.text
+    for a, b, c in zip(want, small, fallback):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
