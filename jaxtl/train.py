@@ -102,9 +102,9 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     # ---------------------------------------------------------------- model, checkpoints and resume
     model = cfg.model(len(prep.classes))
     params, norm = init_params(model, cfg.image_size, cfg.seed, base_vars, cfg.init_seed)
-    stages, frozen = cfg.stages(), cfg.always_frozen()
+    stages, prefix_split = cfg.stages(), cfg.always_frozen()  # the convs no stage trains: cached, saved once
     images = cfg.image_spec()
-    ckpt = Checkpoints(out / "checkpoints", cfg.keep_checkpoints, frozen)
+    ckpt = Checkpoints(out / "checkpoints", cfg.keep_checkpoints, prefix_split)
     ckpt.save_frozen(params)
     meta_base = {"classes": prep.classes, "config": dataclasses.asdict(cfg), "weights": weights_source,
                  "weights_digest": weights_digest}
@@ -124,15 +124,16 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
 
     # ---------------------------------------------------------------- the frozen prefix, once per clip
     acts = None
-    if frozen.cached:
-        acts = cached_prefix(model, params, prep.keys, prep.feats, frozen.k, images, cfg.batch_size, mesh,
-                             cfg.cache_dir, cfg.prefix_cache_key(params, frozen.k), cfg.progress, log)
+    if prefix_split.cached:
+        acts = cached_prefix(model, params, prep.keys, prep.feats, prefix_split.k, images, cfg.batch_size, mesh,
+                             cfg.cache_dir, cfg.prefix_cache_key(params, prefix_split.k), cfg.progress, log)
     log(f"data: {len(prep.train)} train / {len(prep.val)} val / {len(prep.test)} test clips, "
-        f"{len(prep.classes)} classes; mode {cfg.mode}; prefix {'cached' if frozen.cached else 'in the step'}; "
+        f"{len(prep.classes)} classes; mode {cfg.mode}; prefix {'cached' if prefix_split.cached else 'in the step'}; "
         f"{mesh.size} device(s), {jax.process_count()} process(es)")
 
     def feed_at(k: int) -> StepFeed:  # a later split's input is one cheap suffix pass over the cached one
-        at_k = acts if acts is None or k == frozen.k else advance(model, params, acts, frozen.k, k, cfg.batch_size)
+        at_k = acts if acts is None or k == prefix_split.k else advance(model, params, acts, prefix_split.k, k,
+                                                                        cfg.batch_size)
         return StepFeed(prep, images, at_k)
 
     # ---------------------------------------------------------------- stages and epochs
