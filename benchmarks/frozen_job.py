@@ -1,0 +1,93 @@
+"""The frozen job against a competent Keras user: the same clips, one run, whole-process wall times.
+
+    python benchmarks/frozen_job.py [--clips 100] [--epochs 10] [--size 224]
+
+Rows (each a fresh process with fresh caches; random init on both sides):
+- jaxtl, the seed's settings (`--recipe seed`: 13 MFCCs, Flatten -> Dense(256) -> Dense, 10 epochs, no early
+  stopping): one VGG16 pass over the clips, then the head; the **same work** as the Keras row.
+- jaxtl, its default recipe (`--recipe jaxtl`: log-mel, pooled taps of blocks 3-5, linear head, early stopping):
+  **recipe vs recipe** against the Keras row.
+- Keras features-once (`peers/keras_features_once.py`, TensorFlow backend, `.venv-peers`): the seed's
+  per-file librosa loop (timed here), then `base.predict` once and the head's `fit` on the stored features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from end_to_end import job_clips  # noqa: E402
+from pipeline import seed_loop  # noqa: E402
+
+from common import machine, write_results  # noqa: E402
+
+PEER = Path(__file__).parent / "peers" / "keras_features_once.py"
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=7200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return time.perf_counter() - t, proc.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clips", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--peer-python", default=".venv-peers/bin/python")
+    args = ap.parse_args()
+    paths, labels, y = job_clips(args.clips)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Path(tmp) / "clips.csv"
+        manifest.write_text("".join(f"{p},{label}\n" for p, label in zip(paths, labels)))
+        common = ["--data", str(manifest), "--weights", "random", "--image-size", str(args.size), "--no-progress",
+                  "--val-method", "tail"]
+        for name, work, extra in (
+                ("jaxtl, seed settings", "same work", ["--recipe", "seed", "--epochs", str(args.epochs),
+                                                       "--patience", "0", "--plateau-patience", "0"]),
+                ("jaxtl, default recipe", "recipe vs recipe", ["--recipe", "jaxtl"])):
+            out = Path(tmp) / name.replace(" ", "").replace(",", "-")
+            seconds, _ = timed([sys.executable, "-m", "jaxtl.train", *common, *extra, "--out", str(out),
+                                "--cache-dir", str(out) + "-cache"])
+            summary = json.loads((out / "summary.json").read_text())
+            rows.append({"side": name, "work": work, "seconds": seconds, "test_accuracy": summary["test_accuracy"],
+                         "epochs": summary["epochs_run"]})
+            print(rows[-1], flush=True)
+        t = time.perf_counter()
+        images = seed_loop(paths, args.size)
+        loop_s = time.perf_counter() - t
+        np.save(Path(tmp) / "x.npy", images)
+        np.save(Path(tmp) / "y.npy", y)
+        seconds, out = timed([args.peer_python, str(PEER), "--data", tmp, "--epochs", str(args.epochs)],
+                             env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+        keras = json.loads(out.strip().splitlines()[-1])
+        rows.append({"side": "Keras features-once", "work": "(reference)", "seconds": loop_s + seconds,
+                     "feature_loop_s": loop_s, "process_s": seconds, **keras})
+        print(rows[-1], flush=True)
+    m = machine()
+    keras_s = rows[-1]["seconds"]
+    lines = [f"The frozen job: {args.clips} FSDD clips, {args.size}x{args.size}, random init, whole-process wall "
+             f"time; {m['cpu']}, {m['cores']} cores.", "",
+             "| side | work | seconds | Keras features-once / this | test accuracy |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['side']} | {r['work']} | {r['seconds']:.1f} | {keras_s / r['seconds']:.2f}x | "
+              f"{r['test_accuracy']:.3f} |" for r in rows]
+    write_results(f"frozen_job-{args.clips}clips-s{args.size}", {"args": vars(args), "rows": rows, "machine": m},
+                  "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
