@@ -127,9 +127,15 @@ class Checkpoints:
         from the same save. `template` is the state's shape, or a function of the save's meta giving it
         (a progressive run's optimizer state depends on the stage the meta names)."""
         template_for = template if callable(template) else (lambda _: template)
-        state, meta, step = self._restore(lambda meta: self._trained_part(template_for(meta)), which)
+        built = {}
+
+        def trained_part(meta: dict):  # the whole template is built once per save tried, and kept
+            built["last"] = template_for(meta)
+            return self._trained_part(built["last"])
+
+        state, meta, step = self._restore(trained_part, which)
         if self.frozen is not None:
-            convs = self._restore_frozen(self.frozen.partition(template_for(meta).params)[0])
+            convs = self._restore_frozen(self.frozen.partition(built["last"].params)[0])
             state = state.replace(params=SplitPoint.join(convs, state.params))
         return state, meta, step
 
