@@ -84,6 +84,6 @@ def run_config(overrides: dict, seed: int, size: int, weights: str, data: Path =
 
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(data=str(data), image_size=size, weights=weights, seed=seed, out=out,
-                          cache_dir=str(CACHE), progress=False, init_seed=0 if weights == "random" else None)
-        cfg = dataclasses.replace(cfg, **{**overrides, **extra})
+                          cache_dir=str(CACHE), verbose=0, init_seed=0 if weights == "random" else None)
+        cfg = dataclasses.replace(cfg, **{**overrides, **extra, "image_size": size})
         return run(cfg, log=lambda *_: None)

@@ -49,7 +49,7 @@ def jaxtl_job(tmp: Path, paths: list[str], labels: list[str], mode: str, epochs:
     manifest.write_text("".join(f"{p},{label}\n" for p, label in zip(paths, labels)))
     return TrainConfig(data=str(manifest), mode=mode, epochs=epochs, patience=0, plateau_patience=0,
                          val_method="tail", image_size=size, weights="random", seed=42, out=str(tmp / f"run-{mode}"),
-                         cache_dir=str(tmp / f"cache-{mode}"), progress=False, lr=1e-3)
+                         cache_dir=str(tmp / f"cache-{mode}"), verbose=0, lr=1e-3)
 
 
 def main() -> None:

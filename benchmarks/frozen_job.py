@@ -1,14 +1,19 @@
-"""The frozen job against a competent Keras user: the same clips, one run, whole-process wall times.
+"""The frozen job against competent Keras and PyTorch users: the same clips, one run, whole-process wall times.
 
-    python benchmarks/frozen_job.py [--clips 100] [--epochs 10] [--size 224]
+    python benchmarks/frozen_job.py [--clips 100] [--epochs 10] [--size 224] [--as-written]
 
-Rows (each a fresh process with fresh caches; random init on both sides):
-- jaxtl, the seed's settings (`--recipe seed`: 13 MFCCs, Flatten -> Dense(256) -> Dense, 10 epochs, no early
-  stopping): one VGG16 pass over the clips, then the head; the **same work** as the Keras row.
-- jaxtl, its default recipe (`--recipe jaxtl`: log-mel, pooled taps of blocks 3-5, linear head, early stopping):
-  **recipe vs recipe** against the Keras row.
-- Keras features-once (`peers/keras_features_once.py`, TensorFlow backend, `.venv-peers`): the seed's
-  per-file librosa loop (timed here), then `base.predict` once and the head's `fit` on the stored features.
+Rows (each a fresh process with fresh caches; random init everywhere):
+- jaxtl, the seed's settings (`--recipe seed --image-size SIZE`: 13 MFCCs, Flatten -> Dense(256) -> Dense,
+  10 epochs, no early stopping): one VGG16 pass over the clips, then the head; the **same work** as the
+  features-once rows.
+- jaxtl, its default recipe (`jaxtl train` defaults: log-mel at 64x64, pooled taps of blocks 3-5, linear head,
+  early stopping): **recipe vs recipe** against every other row.
+- Keras features-once (`peers/keras_features_once.py`, TensorFlow, `.venv-peers`): the seed's per-file
+  librosa loop (timed here), then `base.predict` once and the head's `fit` on the stored features.
+- PyTorch features-once (`peers/torch_features_once.py`, torchvision's VGG16, where `.venv-peers` has torch):
+  the same loop's images, the features once, the head trained on them.
+- with `--as-written`, the Keras recipe as the seed wrote it (`peers/keras_end_to_end.py --fit-only`): the
+  frozen base inside `fit`, so it runs over the clips in every epoch.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from pipeline import seed_loop  # noqa: E402
 from common import machine, write_results  # noqa: E402
 
 PEER = Path(__file__).parent / "peers" / "keras_features_once.py"
+TORCH_PEER = Path(__file__).parent / "peers" / "torch_features_once.py"
+AS_WRITTEN = Path(__file__).parent / "peers" / "keras_end_to_end.py"
 
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
@@ -47,17 +54,18 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--peer-python", default=".venv-peers/bin/python")
+    ap.add_argument("--as-written", action="store_true", help="also time the Keras recipe as written (slow)")
     args = ap.parse_args()
     paths, labels, y = job_clips(args.clips)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         manifest = Path(tmp) / "clips.csv"
         manifest.write_text("".join(f"{p},{label}\n" for p, label in zip(paths, labels)))
-        common = ["--data", str(manifest), "--weights", "random", "--image-size", str(args.size), "--no-progress",
-                  "--val-method", "tail"]
+        common = ["--data", str(manifest), "--weights", "random", "--verbose", "0", "--val-method", "tail"]
         for name, work, extra in (
                 ("jaxtl, seed settings", "same work", ["--recipe", "seed", "--epochs", str(args.epochs),
-                                                       "--patience", "0", "--plateau-patience", "0"]),
+                                                       "--patience", "0", "--plateau-patience", "0",
+                                                       "--image-size", str(args.size)]),
                 ("jaxtl, default recipe", "recipe vs recipe", ["--recipe", "jaxtl"])):
             out = Path(tmp) / name.replace(" ", "").replace(",", "-")
             seconds, _ = timed([sys.executable, "-m", "jaxtl.train", *common, *extra, "--out", str(out),
@@ -71,20 +79,35 @@ def main() -> None:
         loop_s = time.perf_counter() - t
         np.save(Path(tmp) / "x.npy", images)
         np.save(Path(tmp) / "y.npy", y)
-        seconds, out = timed([args.peer_python, str(PEER), "--data", tmp, "--epochs", str(args.epochs)],
-                             env={**os.environ, "KERAS_BACKEND": "tensorflow"})
-        keras = json.loads(out.strip().splitlines()[-1])
-        rows.append({"side": "Keras features-once", "work": "(reference)", "seconds": loop_s + seconds,
-                     "feature_loop_s": loop_s, "process_s": seconds, **keras})
-        print(rows[-1], flush=True)
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+        peers = [("Keras features-once", "same work as the seed-settings row", [str(PEER)]),
+                 ("PyTorch features-once", "same work as the seed-settings row", [str(TORCH_PEER)])]
+        if args.as_written:
+            peers.append(("Keras recipe as written", "base rerun every epoch", [str(AS_WRITTEN), "--fit-only"]))
+        for name, work, script in peers:
+            try:
+                seconds, out = timed([args.peer_python, *script, "--data", tmp, "--epochs", str(args.epochs)], env)
+            except RuntimeError as e:
+                rows.append({"side": name, "work": work, "skipped": str(e)[:200]})
+                print(rows[-1], flush=True)
+                continue
+            rows.append({"side": name, "work": work, "seconds": loop_s + seconds, "feature_loop_s": loop_s,
+                         "process_s": seconds, **json.loads(out.strip().splitlines()[-1])})
+            print(rows[-1], flush=True)
     m = machine()
-    keras_s = rows[-1]["seconds"]
-    lines = [f"The frozen job: {args.clips} FSDD clips, {args.size}x{args.size}, random init, whole-process wall "
-             f"time; {m['cpu']}, {m['cores']} cores.", "",
-             "| side | work | seconds | Keras features-once / this | test accuracy |",
-             "| --- | --- | ---: | ---: | ---: |"]
-    lines += [f"| {r['side']} | {r['work']} | {r['seconds']:.1f} | {keras_s / r['seconds']:.2f}x | "
-              f"{r['test_accuracy']:.3f} |" for r in rows]
+    ref = {r["side"]: r["seconds"] for r in rows if "seconds" in r}
+    keras_s, written_s = ref["Keras features-once"], ref.get("Keras recipe as written")
+    lines = [f"The frozen job: {args.clips} FSDD clips, {args.epochs} epochs, random init, whole-process wall "
+             f"time; peers and the seed-settings row at {args.size}x{args.size}, jaxtl's default recipe at its own "
+             f"size; {m['cpu']}, {m['cores']} cores.", "",
+             "| side | work | seconds | Keras features-once / this | Keras as written / this | test accuracy |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['side']} | {r['work']} | not run: {r['skipped']} | | | |")
+            continue
+        lines.append(f"| {r['side']} | {r['work']} | {r['seconds']:.1f} | {keras_s / r['seconds']:.2f}x | "
+                     + (f"{written_s / r['seconds']:.1f}x" if written_s else "-") + f" | {r['test_accuracy']:.3f} |")
     write_results(f"frozen_job-{args.clips}clips-s{args.size}", {"args": vars(args), "rows": rows, "machine": m},
                   "\n".join(lines) + "\n")
 

@@ -72,7 +72,7 @@ def matmul_ceiling(dtype: str, steps: int = 10) -> float:
 def time_mode(name: str, batch: int, size: int, dtype: str, steps: int, classes: int = 10) -> dict:
     k, cached = MODES[name]
     cfg = TrainConfig(image_size=size, batch_size=batch, dtype=dtype, mode="scratch" if k == 0 else "finetune",
-                      weights=None if k == 0 else "random", progress=False)
+                      weights=None if k == 0 else "random", verbose=0)
     model = cfg.model(classes)
     params, norm = init_params(model, size, cfg.seed)
     split = SplitPoint(k, cached)

@@ -1,16 +1,20 @@
-"""jaxtl: fast, trustworthy transfer learning for audio classification with a VGG16 base in JAX."""
+"""jaxtl: fast, trustworthy transfer learning for audio classification with a VGG16 base in JAX.
 
-__all__ = ["Classifier", "Head", "VGG16Base", "load_vgg16_weights"]
-__version__ = "0.1.0"
+    from jaxtl import TrainConfig, train, load_run
+"""
+
+__all__ = ["Classifier", "Head", "Run", "TrainConfig", "VGG16Base", "load_run", "load_vgg16_weights", "train"]
+__version__ = "0.2.0"
+
+_HOMES = {"Classifier": "model", "Head": "model", "VGG16Base": "model", "load_vgg16_weights": "weights",
+          "TrainConfig": "config", "load_run": "api", "Run": "api"}
 
 
-def __getattr__(name):  # lazy, so `python -m jaxtl.<module>` runs each module only once
-    if name in ("Classifier", "Head", "VGG16Base"):
-        from jaxtl import model
+def __getattr__(name):  # lazy, so `python -m jaxtl.<module>` runs each module only once and `--version` is instant
+    import importlib
 
-        return getattr(model, name)
-    if name == "load_vgg16_weights":
-        from jaxtl.weights import load_vgg16_weights
-
-        return load_vgg16_weights
+    if name == "train":  # the module `jaxtl.train`, callable as its `train` function (see there)
+        return importlib.import_module("jaxtl.train")
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"jaxtl.{_HOMES[name]}"), name)
     raise AttributeError(f"module 'jaxtl' has no attribute {name!r}")

@@ -6,7 +6,9 @@ validation loss for evaluation; `frozen/` holds the convs no stage trains, writt
 temporary directory and renames it when done, so a run killed mid-save leaves the previous
 checkpoint as the newest one that reads as complete.
 
-An epoch writes `best` (when it improved) before `latest`: `latest` is the commit point. A run killed
+A checkpoint writes `best` (when an epoch improved since the last one) before `latest`: `latest` is the
+commit point. Checkpoints are written every `--checkpoint-every` seconds and at the end of a stage (a save
+costs ~0.1 s on CPU, more than a head-only epoch), so a killed run redoes at most that much work. A run killed
 between the two resumes from the previous `latest` and redoes the epoch, so `best` is never older than
 the state a resumed run continues from.
 
@@ -89,12 +91,16 @@ class Checkpoints:
     def _trained_part(self, state):
         return state if self.frozen is None else state.replace(params=self.frozen.partition(state.params)[1])
 
-    def save(self, step: int, state, meta: dict, best: bool) -> None:
-        state = self._trained_part(state)
-        args = lambda: ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))  # noqa: E731
-        if best:
-            _put(self.best, step, args())
-        _put(self.latest, step, args())
+    def save(self, step: int, state, meta: dict, best: tuple[int, Any, dict] | None = None) -> None:
+        """`state` as the newest `latest`; first, when given, the best epoch since the last save as `best`
+        ((step, state, meta); often this very epoch)."""
+        def args(state, meta):
+            state = self._trained_part(state)
+            return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+
+        if best is not None:
+            _put(self.best, best[0], args(*best[1:]))
+        _put(self.latest, step, args(state, meta))
 
     def save_frozen(self, params: dict) -> None:
         """The convs no stage trains, written once per run (a resumed run finds them in place)."""

@@ -21,7 +21,7 @@ from jaxtl import images as imagelib
 from jaxtl.audio import REPRESENTATIONS, FeatureConfig
 from jaxtl.data import LAYOUTS, SPLITS
 from jaxtl.images import ImageSpec
-from jaxtl.model import N_CONV, Classifier
+from jaxtl.model import BLOCK_END, N_CONV, Classifier
 from jaxtl.pipeline import DataSpec
 from jaxtl.prefix import prefix_key
 from jaxtl.split import SplitPoint
@@ -51,8 +51,8 @@ class TrainConfig:
     recipe: str = setting("seed", "the recipe these settings started from (informational)")
 
     # data
-    data: str | None = setting(None, "dataset directory or CSV manifest (default: $JAXTL_DATA, else FSDD "
-                                "downloaded, else the built-in synthetic set)")
+    data: str | None = setting(None, "dataset directory or CSV manifest (default: $JAXTL_DATA, else the demo set "
+                                "in the package: 300 FSDD clips)")
     layout: str = setting("auto", "dataset layout", choices=LAYOUTS)
     split: str = setting("stratified", "test split: stratified 80/20, by group (speaker), or as the data marks it",
                     choices=SPLITS)
@@ -60,6 +60,9 @@ class TrainConfig:
                                        "Keras' validation_split", choices=("stratified", "tail"))
     test_size: float = setting(0.2, "fraction of clips held out for test")
     test_group: str | None = setting(None, "with --split group: the group (speaker) held out for test")
+    holdout_group: str | None = setting("auto", "a group (speaker) kept out of training and test, reported on its "
+                                        "own (speaker-independent); auto: the demo set's speaker yweweler when "
+                                        "training on the built-in demo with --split stratified; none: off")
     val_size: float = setting(0.2, "fraction of the training part used for validation")
     max_clips: int | None = setting(None, "use a stratified subset of this many clips")
     train_clips: int | None = setting(None, "train (fit + validation) on a stratified subset of this many clips of the "
@@ -88,7 +91,8 @@ class TrainConfig:
     weights: str | None = setting(None, "imagenet | a weight file | random (default: imagenet when found, "
                                    "else random init, announced)")
     mode: str = setting("frozen", "what trains", choices=MODES)
-    finetune_convs: int = setting(3, "conv layers unfrozen by finetune/progressive (3 = the last block)")
+    finetune_convs: int = setting(3, "conv layers unfrozen by finetune/progressive, counted back from the last "
+                                     "block the head reads (3: that whole block)")
     hidden: int = setting(256, "head hidden units (0: a linear head)")
     dropout: float = setting(0.0, "head dropout rate")
     pooling: str = setting("flatten", "how the head sees each tapped block's output",
@@ -123,7 +127,11 @@ class TrainConfig:
     cache_prefix: bool = setting(True, "run the frozen prefix once per clip when inputs do not change")
     workers: int | None = setting(None, "feature extraction processes (default: all cores)")
     keep_checkpoints: int = setting(2, "latest checkpoints kept")
-    progress: bool = setting(True, "progress bars")
+    checkpoint_every: float = setting(30.0, "seconds between checkpoints inside a stage (0: after every epoch); "
+                                            "a stage's last epoch is always saved")
+    verbose: int = setting(1, "0: the closing summary line (and notices: a resume, a fallback) only; 1: progress "
+                              "bars (one over a stage's epochs) and a line per event; 2: also a line per epoch",
+                           choices=(0, 1, 2))
     # several cooperating processes (hosts); default: the usual environment variables, else one process
     coordinator: str | None = setting(None, "multi-process: coordinator address host:port")
     num_processes: int | None = setting(None, "multi-process: number of processes")
@@ -140,7 +148,8 @@ class TrainConfig:
             (self.epochs >= 0 and self.finetune_epochs >= 0, "--epochs must not be negative"),
             (0 < self.test_size < 1, "--test-size must be between 0 and 1"),
             (0 <= self.val_size < 1, "--val-size must be in [0, 1)"),
-            (1 <= self.finetune_convs <= N_CONV, f"--finetune-convs must be in 1..{N_CONV}"),
+            (1 <= self.finetune_convs <= BLOCK_END[max(self.tap_blocks)],
+             f"--finetune-convs must be in 1..{BLOCK_END[max(self.tap_blocks)]} (the convs up to the last tap)"),
             (self.lr > 0 and self.base_lr > 0, "learning rates must be positive"),
             (not (self.mode == "scratch" and self.weights not in (None, "random")),
              "--mode scratch trains from random init; drop --weights"),
@@ -157,6 +166,10 @@ class TrainConfig:
             raise ConfigError(f"--recipe {recipe!r}: use one of {tuple(RECIPES)}")
         return cls(**{**RECIPES[recipe], "recipe": recipe, **overrides})
 
+    @property
+    def progress(self) -> bool:
+        return self.verbose >= 1
+
     def augment(self) -> Augment:
         return Augment(self.noise_std, self.time_shift, self.time_mask, self.freq_mask)
 
@@ -165,7 +178,7 @@ class TrainConfig:
 
     def data_spec(self) -> DataSpec:
         return DataSpec(self.features(), self.data, self.layout, self.split, self.val_method, self.test_size,
-                        self.test_group, self.val_size, self.max_clips, self.train_clips, self.seed,
+                        self.test_group, self.holdout_group, self.val_size, self.max_clips, self.train_clips, self.seed,
                         self.split_seed, self.on_bad_file, self.augment_copies, self.pitch_shift, self.time_stretch,
                         self.cache_dir or None, self.workers, self.progress)
 
@@ -191,7 +204,7 @@ class TrainConfig:
     def stages(self) -> list[Stage]:
         """Each training stage: its split point, epochs and optimizer. Every stage's step eats cached
         split-point inputs when the prefix can run once per clip (no in-step augmentation, a prefix at all)."""
-        k_tune = N_CONV - self.finetune_convs
+        k_tune = BLOCK_END[max(self.tap_blocks)] - self.finetune_convs  # counted back from the last block read
         plan = {"frozen": [(N_CONV, self.epochs, self.base_lr)],
                 "finetune": [(k_tune, self.epochs, self.base_lr)],
                 "progressive": [(N_CONV, self.epochs, self.base_lr), (k_tune, self.finetune_epochs, self.base_lr)],
@@ -229,14 +242,16 @@ class Stage:
 
 # Settings that differ from the seed recipe's, with the evidence in benchmarks/results (README, "Transfer
 # quality"): standardised features from blocks 3-5 (avg+max pooled) into a linear head with early stopping,
-# and log-mel images of the audio's own band, stretched to the width, with VGG16's own preprocessing.
+# and log-mel images of the audio's own band, stretched to the width, with VGG16's own preprocessing, at
+# 64x64: the cheapest size within noise of the best on validation data (benchmarks/image_size.py), a
+# VGG16 pass 12x cheaper than 224x224's.
 RECIPES: dict[str, dict] = {
     "seed": {},
     "jaxtl": {
-        "representation": "logmel", "sample_rate": 8000, "n_fft": 512, "win_length": 256, "hop_length": 64,
-        "n_mels": 128, "fmax": 4000.0, "fit": "stretch", "preprocess": "caffe", "image_dtype": "uint8",
-        "taps": "3,4,5", "pooling": "avgmax", "normalize": True, "hidden": 0, "weight_decay": 1e-4,
-        "epochs": 100, "patience": 10, "plateau_patience": 4,
+        "image_size": 64, "representation": "logmel", "sample_rate": 8000, "n_fft": 512, "win_length": 256,
+        "hop_length": 64, "n_mels": 128, "fmax": 4000.0, "fit": "stretch", "preprocess": "caffe",
+        "image_dtype": "uint8", "taps": "3,4", "pooling": "avgmax", "normalize": True, "hidden": 0,
+        "weight_decay": 1e-4, "epochs": 100, "patience": 10, "plateau_patience": 4,
     },
 }
 
@@ -270,7 +285,7 @@ def _parse_type(annotation: str, value: str):
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags for every TrainConfig field; only the flags given override the chosen recipe."""
-    parser = argparse.ArgumentParser(prog="python -m jaxtl.train", description=(TrainConfig.__doc__ or "").strip())
+    parser = argparse.ArgumentParser(prog="jaxtl train", description=(TrainConfig.__doc__ or "").strip())
     parser.add_argument("--recipe", default="jaxtl", choices=tuple(RECIPES),
                         help="starting settings: jaxtl (what learns, see README) or seed (the Keras recipe exactly); "
                              "every other flag overrides them (default: jaxtl)")

@@ -28,6 +28,9 @@ LAYOUTS = ("auto", "folders", "fsdd", "csv")
 SPLITS = ("stratified", "group", "fsdd", "manifest")
 FSDD_NAME = re.compile(r"^(?P<label>[^_]+)_(?P<group>[^_]+)_(?P<index>\d+)\.wav$", re.IGNORECASE)
 FSDD_URL = "https://github.com/Jakobovski/free-spoken-digit-dataset/archive/refs/heads/master.zip"
+# Real speech in the box: 300 FSDD clips (CC BY-SA 4.0, jaxtl/demo/ATTRIBUTION.md), 6 per digit and speaker.
+DEMO = Path(__file__).resolve().parent / "demo" / "fsdd"
+DEMO_HOLDOUT = "yweweler"  # the demo's held-out speaker: the last name in order, chosen before any result
 
 
 class DataError(Exception):
@@ -218,12 +221,31 @@ def validation_split(y: np.ndarray, train: np.ndarray, val_size: float, seed: in
     return _stratified(train, y[train], seed, f"fit and a {val_size:g} validation split", test_size=val_size)
 
 
+def held_out(groups: list[str], holdout_group: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """(the rest, the clips of `holdout_group`): a group kept out of training and test entirely."""
+    groups = np.asarray(groups)
+    if not holdout_group:
+        return np.arange(len(groups)), np.arange(0)
+    if holdout_group not in set(groups.tolist()):
+        raise DataError(f"--holdout-group {holdout_group!r} is not a group of this dataset "
+                        f"({sorted(set(groups.tolist()))})")
+    return np.flatnonzero(groups != holdout_group), np.flatnonzero(groups == holdout_group)
+
+
 def split_indices(y: np.ndarray, groups: list[str], given: list[str], method: str, test_size: float,
                   val_size: float, seed: int, classes, val_method: str = "stratified", test_group: str | None = None,
-                  train_clips: int | None = None, split_seed: int | None = None):
-    """(fit, val, test) index arrays into y: `test_split` (seeded by `split_seed`, default `seed`), an optional
-    stratified cut of the training part to `train_clips`, then `validation_split` of it (grouped when the
-    test split is)."""
+                  train_clips: int | None = None, split_seed: int | None = None, holdout_group: str | None = None):
+    """(fit, val, test, holdout) index arrays into y: the clips of `holdout_group` set aside, then on the rest
+    `test_split` (seeded by `split_seed`, default `seed`), an optional stratified cut of the training part to
+    `train_clips`, then `validation_split` of it (grouped when the test split is)."""
+    rest, holdout = held_out(groups, holdout_group)
+    fit, val, test = _split_rest(y[rest], [groups[i] for i in rest], [given[i] for i in rest], method, test_size,
+                                 val_size, seed, classes, val_method, test_group, train_clips, split_seed)
+    return rest[fit], rest[val], rest[test], holdout
+
+
+def _split_rest(y, groups, given, method, test_size, val_size, seed, classes, val_method, test_group, train_clips,
+                split_seed):
     train, test = test_split(y, groups, given, method, test_size, seed if split_seed is None else split_seed,
                              classes, test_group)
     if train_clips is not None:

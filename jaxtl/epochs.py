@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.pipeline import StepFeed, batches
+from jaxtl.pipeline import StepFeed, batches, map_batches
 from jaxtl.sharding import global_batch, is_main_process, local_rows, prefetch
 from jaxtl.steps import EvalPrograms, compile_time
 
@@ -51,6 +51,27 @@ def run_epoch(programs: EvalPrograms, state, feed: StepFeed, clip_ids: np.ndarra
         wall = time.perf_counter() - t0
     loss, acc = means(totals)
     return state, EpochResult(loss, acc, int(np.asarray(totals)[2]), wall - compiled[0], compiled[0])
+
+
+def class_logits(programs: EvalPrograms, state, feed: StepFeed, clip_ids: np.ndarray, batch_size: int, mesh,
+                 desc: str, progress: bool = False) -> np.ndarray:
+    """Logits of every clip of `clip_ids` (one jitted evaluation per batch): what per-class scores need."""
+    from tqdm.auto import tqdm
+
+    def rows_of(rows):
+        return {"x": feed(clip_ids[rows]), "y": feed.prep.y[clip_ids[rows]].astype(np.int32),
+                "mask": np.ones(len(rows), np.float32)}
+
+    with tqdm(total=len(clip_ids), desc=desc, unit="clip", disable=not progress or not is_main_process(),
+              leave=False) as bar:
+        return map_batches(lambda b: {"logits": programs.eval(state, b)[1]}, len(clip_ids), batch_size, mesh,
+                           rows_of, bar.update)["logits"]
+
+
+def mean_loss(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy of integer labels, as the steps compute it."""
+    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(-1)) - z[np.arange(len(y)), y]))
 
 
 def _scanned(programs, state, feed: StepFeed, clip_ids, plan, mesh, desc: str, train: bool):
@@ -91,6 +112,39 @@ def _host_fed(programs, state, feed: StepFeed, clip_ids, plan, mesh, desc: str, 
     if int(first_bad) >= 0:
         raise diverged(int(first_bad), desc)
     return state, np.asarray(totals)
+
+
+class EpochBar:
+    """Keras-style progress over a stage's epochs (verbose 1): one bar showing the latest loss and accuracy
+    and the best epoch so far; event lines (early stopping, a learning-rate cut) print above it."""
+
+    def __init__(self, total: int, first: int, desc: str, show: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=first, desc=desc, unit="epoch") if show else None
+
+    def advance(self, row: dict, history: list[dict]) -> None:
+        if self.bar is None:
+            return
+        best = [h for h in history if h["stage"] == row["stage"] and h.get("improved")]
+        shown = {"loss": f"{row['train_loss']:.4f}", "acc": f"{row['train_acc']:.3f}"}
+        if row["val_loss"] is not None:
+            shown |= {"val_loss": f"{row['val_loss']:.4f}", "val_acc": f"{row['val_acc']:.3f}"}
+        if best:
+            shown["best"] = best[-1]["epoch"] + 1
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
+
+    def write(self, line: str, log) -> None:
+        if self.bar is None:
+            log(line)
+            return
+        with self.bar.external_write_mode():
+            log(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxtl.audio import BadAudio, FeatureConfig, Perturbation
 from jaxtl.cache import cached_features, file_key
-from jaxtl.data import DataError, discover, fetch_fsdd, split_indices, subset, synthetic
+from jaxtl.data import DEMO, DEMO_HOLDOUT, DataError, discover, fetch_fsdd, split_indices, subset, synthetic
 from jaxtl.images import ImageSpec, RaggedFeatures
 from jaxtl.sharding import barrier, global_batch, is_main_process, local_rows, prefetch, replicate, to_host
 
@@ -33,6 +33,7 @@ class DataSpec:
     val_method: str = "stratified"
     test_size: float = 0.2
     test_group: str | None = None
+    holdout_group: str | None = "auto"
     val_size: float = 0.2
     max_clips: int | None = None
     train_clips: int | None = None
@@ -57,17 +58,34 @@ class Prepared:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    holdout: np.ndarray  # clips of the held-out group: neither trained nor tested on, reported on their own
+    holdout_group: str | None
     skipped: list[BadAudio]
     data_source: str
     n_files: int  # clips [0, n_files) are files; augmentation copies follow
+    groups: list[str]  # per file: its group (speaker), "" when the layout names none
+
+    def test_protocol(self) -> str:
+        """Whether the test set's speakers (groups) were also trained on: the label every accuracy carries."""
+        train, test = {self.groups[i] for i in self.train if i < self.n_files}, {self.groups[i] for i in self.test}
+        if not any(self.groups):
+            return "groups unknown: speaker-dependence not known"
+        if train & test:
+            return "speaker-dependent: the test speakers are also in training"
+        return "speaker-independent: no test speaker was trained on"
 
 
 def resolve_data(data: str | None, cache_dir: str | None, log: Callable = print) -> str:
-    """--data, else $JAXTL_DATA, else FSDD (downloaded once), else the built-in synthetic set (announced)."""
+    """--data, else $JAXTL_DATA, else the demo set in the package (300 FSDD clips), else FSDD (downloaded
+    once), else the built-in synthetic set (announced)."""
     if data:
         return data
     if os.environ.get("JAXTL_DATA"):
         return os.environ["JAXTL_DATA"]
+    if DEMO.is_dir() and any(DEMO.glob("*.wav")):
+        log(f"data: no --data given: the demo set in the package, {DEMO} (300 spoken digits, 5 speakers, "
+            "FSDD, CC BY-SA 4.0)")
+        return str(DEMO)
     cache = Path(cache_dir or ".jaxtl_cache")
     try:
         return str(fetch_fsdd(cache))
@@ -126,8 +144,12 @@ def prepare(spec: DataSpec, log: Callable = print) -> Prepared:
     y = y_all[keep][ok]
     groups = [ds.groups[keep[i]] for i in ok]
     given = [ds.splits[keep[i]] for i in ok]
-    train, val, test = split_indices(y, groups, given, spec.split, spec.test_size, spec.val_size, spec.seed,
-                                     classes, spec.val_method, spec.test_group, spec.train_clips, spec.split_seed)
+    holdout_group = spec.holdout_group
+    if holdout_group == "auto":  # the demo reports a speaker it never heard beside its own test split
+        holdout_group = DEMO_HOLDOUT if Path(source) == DEMO and spec.split == "stratified" else None
+    train, val, test, holdout = split_indices(y, groups, given, spec.split, spec.test_size, spec.val_size,
+                                              spec.seed, classes, spec.val_method, spec.test_group,
+                                              spec.train_clips, spec.split_seed, holdout_group)
     keys = [file_key(p) for p in paths]
     n_files = len(paths)
     if spec.augment_copies:
@@ -140,8 +162,8 @@ def prepare(spec: DataSpec, log: Callable = print) -> Prepared:
         train = np.concatenate([train, len(paths) + np.arange(len(copies))])
         keys += [file_key(paths[i], p) for i, (_, p) in zip(sources, copies)]
         paths, feats, y = paths + [paths[i] for i in sources], feats + extra, np.concatenate([y, y[sources]])
-    return Prepared(paths, keys, RaggedFeatures.from_list(feats), y, classes, train, val, test, bad + errors, source,
-                    n_files)
+    return Prepared(paths, keys, RaggedFeatures.from_list(feats), y, classes, train, val, test, holdout,
+                    holdout_group or None, bad + errors, source, n_files, groups)
 
 
 def batches(n: int, batch_size: int, multiple: int, rng: np.random.Generator | None = None

@@ -1,6 +1,6 @@
 """Top-k labels of audio files from a trained run.
 
-    python -m jaxtl.predict RUN_DIR FILE... [--top-k 3] [--json]
+    jaxtl predict RUN_DIR FILE... [--top-k 3] [--json]
 """
 
 from __future__ import annotations
@@ -11,39 +11,34 @@ import sys
 
 import numpy as np
 
-from jaxtl.audio import BadAudio, file_features
+from jaxtl.api import load_run
+from jaxtl.audio import BadAudio
 from jaxtl.checkpoint import CheckpointError
 from jaxtl.config import ConfigError
 from jaxtl.data import DataError
-from jaxtl.images import RaggedFeatures
-from jaxtl.restore import predict_logits, restore_run
 
 
-def predict(run_dir: str, files: list[str], top_k: int = 3, which: str = "best") -> list[dict]:
-    restored = restore_run(run_dir, which)
-    feats, errors = file_features(files, restored.cfg.features())
-    if errors:
-        raise errors[0]
-    logits = predict_logits(restored, RaggedFeatures.from_list(feats))
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+def predict(run_dir: str, files: list[str], top_k: int = 3, which: str = "best", progress: bool = True) -> list[dict]:
+    run = load_run(run_dir, which)
+    _, probs = run.predict(files, progress)
     out = []
     for f, p in zip(files, probs):
         top = np.argsort(-p)[:top_k]
-        out.append({"file": f, "top": [{"label": restored.classes[i], "probability": float(p[i])} for i in top]})
+        out.append({"file": f, "top": [{"label": run.classes[i], "probability": float(p[i])} for i in top]})
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxtl.predict", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="jaxtl predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("files", nargs="+")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--verbose", type=int, choices=(0, 1), default=1, help="0: no progress bars")
     args = parser.parse_args(argv)
     try:
-        result = predict(args.run_dir, args.files, args.top_k, args.checkpoint)
+        result = predict(args.run_dir, args.files, args.top_k, args.checkpoint, args.verbose >= 1)
     except (CheckpointError, BadAudio, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,15 +28,25 @@ def _carried(out: dict) -> dict:
     return {name: a for name, a in out.items() if a is not None}
 
 
+# Clips per device in one prefix-pass batch: a forward pass holds no gradients, so it can take more than a
+# train step; an accelerator needs large batches to fill (benchmarks/forward.py), a CPU core does not.
+PREFIX_BATCH = {"cpu": 64, "gpu": 256, "tpu": 256}
+
+
+def prefix_batch_size(mesh) -> int:
+    """The prefix pass's global batch for the mesh's devices (the train batch size does not bound it)."""
+    return PREFIX_BATCH.get(mesh.devices.flat[0].platform, 64) * mesh.size
+
+
 def compute_prefix(model: Classifier, params, feats: RaggedFeatures, ids: np.ndarray, k: int, images: ImageSpec,
-                   batch_size: int, mesh, progress: bool = False) -> dict:
+                   mesh, progress: bool = False) -> dict:
     """Split-point inputs at k for the clips `ids` of `feats`, computed once (forward only, jitted)."""
     from tqdm.auto import tqdm
 
     prefix = jax.jit(lambda p, x: _carried(model.apply({"params": p}, images.network_input(x), k,
                                                        method=Classifier.prefix)))
     n = len(ids)
-    size = even_batch_size(n, batch_size * 2, mesh.size)
+    size = even_batch_size(n, prefix_batch_size(mesh), mesh.size)
     with tqdm(total=n, desc="frozen prefix", unit="clip", disable=not progress or not is_main_process(),
               leave=False) as bar:
         return map_batches(lambda x: prefix(params, x), n, size, mesh, lambda rows: images.batch(feats, ids[rows]),
@@ -46,18 +56,19 @@ def compute_prefix(model: Classifier, params, feats: RaggedFeatures, ids: np.nda
 def prefix_key(params, k: int, images: ImageSpec, feature_key: str, compute_dtype: str, taps: str,
                pooling: str) -> str:
     """The prefix cache's key: the frozen convs' weights and every setting that changes their outputs."""
-    weights = [np.asarray(leaf) for name in CONV_NAMES[:k] for leaf in jax.tree.leaves(params["base"][name])]
+    weights = [np.asarray(leaf) for name in CONV_NAMES[:k] if name in params["base"]  # the convs the pass runs
+               for leaf in jax.tree.leaves(params["base"][name])]
     return fingerprint(feature_key, images.size, images.fit, images.preprocess, images.storage, compute_dtype, k,
                        taps, pooling, *weights, *(["band_norm"] if images.band_norm else []))
 
 
 def cached_prefix(model: Classifier, params, keys: list[str], feats: RaggedFeatures, k: int, images: ImageSpec,
-                  batch_size: int, mesh, cache_dir: str | None, key: str, progress: bool = False,
+                  mesh, cache_dir: str | None, key: str, progress: bool = False,
                   log: Callable = print) -> dict:
     """`compute_prefix` of every clip (`keys` name their audio), reading and extending the disk cache."""
     every = np.arange(len(keys))
     if not cache_dir:
-        return compute_prefix(model, params, feats, every, k, images, batch_size, mesh, progress)
+        return finite(compute_prefix(model, params, feats, every, k, images, mesh, progress), keys)
     store = ActivationCache(cache_dir, key)
     stored_keys, stored = store.load()
     where = {c: i for i, c in enumerate(stored_keys)}
@@ -65,9 +76,9 @@ def cached_prefix(model: Classifier, params, keys: list[str], feats: RaggedFeatu
     missing = np.array([i for i, c in enumerate(keys) if c not in where], np.int64)
     if not len(missing):
         log(f"frozen prefix: {len(keys)} clips from {store.path}")
-        return {name: a[[where[keys[i]] for i in have]] for name, a in stored.items()}
+        return finite({name: a[[where[keys[i]] for i in have]] for name, a in stored.items()}, keys)
     t = time.perf_counter()
-    new = compute_prefix(model, params, feats, missing, k, images, batch_size, mesh, progress)
+    new = finite(compute_prefix(model, params, feats, missing, k, images, mesh, progress), [keys[i] for i in missing])
     secs = time.perf_counter() - t
     log(f"frozen prefix: {len(missing)} clips in {secs:.1f}s ({len(missing) / secs:.1f} clips/s), "
         f"{len(have)} from {store.path}")
@@ -79,7 +90,20 @@ def cached_prefix(model: Classifier, params, keys: list[str], feats: RaggedFeatu
             out[name][have] = stored[name][[where[keys[i]] for i in have]]
     if is_main_process():
         store.add([keys[i] for i in missing], new)
-    return out
+    return finite(out, keys)  # the cached rows too: an older version may have stored non-finite ones
+
+
+def finite(acts: dict, keys: list[str]) -> dict:
+    """`acts` if every value is finite; else a one-line error, before anything is cached or trained on
+    (XLA:CPU in jax 0.11 gives non-finite bfloat16 VGG16 outputs under jit)."""
+    bad = np.zeros(len(keys), bool)
+    for a in acts.values():
+        bad |= ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+    if bad.any():
+        raise FloatingPointError(f"the frozen VGG16 pass gave non-finite outputs for {int(bad.sum())} of {len(keys)} "
+                                 "clips; nothing was cached or trained on (with --dtype bfloat16 on a CPU this is "
+                                 "XLA:CPU's bfloat16 convolution: use --dtype float32)")
+    return acts
 
 
 def advance(model: Classifier, params, acts: dict, k_from: int, k_to: int, batch_size: int) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxtl.checkpoint import Checkpoints
 from jaxtl.config import TrainConfig, load_config, saved_config
@@ -47,7 +48,7 @@ def restore_run(run_dir: str | os.PathLike, which: str = "best") -> RestoredRun:
 
 
 def predict_logits(restored: RestoredRun, feats: RaggedFeatures, keys: list[str] | None = None,
-                   batch_size: int | None = None) -> np.ndarray:
+                   batch_size: int | None = None, progress: bool = False) -> np.ndarray:
     """Logits for every clip of `feats`. With the clips' `keys`, the frozen prefix comes from the run's
     prefix cache where it holds them (the frozen weights in the checkpoint are the ones it was keyed by),
     so evaluating a run's own clips costs no second VGG16 pass."""
@@ -57,11 +58,12 @@ def predict_logits(restored: RestoredRun, feats: RaggedFeatures, keys: list[str]
     n = len(feats)
     if keys is not None and cfg.cache_dir and split.cached:
         params = restored.variables["params"]
-        acts = cached_prefix(model, params, keys, feats, split.k, images, batch_size, mesh, cfg.cache_dir,
-                             cfg.prefix_cache_key(params, split.k), log=lambda *_: None)
+        acts = cached_prefix(model, params, keys, feats, split.k, images, mesh, cfg.cache_dir,
+                             cfg.prefix_cache_key(params, split.k), progress, log=lambda *_: None)
         fn = jax.jit(lambda v, x: {"logits": model.apply(v, x, start=split.k)})
         rows_of = lambda ids: take(acts, ids)  # noqa: E731
     else:
         fn = jax.jit(lambda v, x: {"logits": model.apply(v, images.network_input(x))})
         rows_of = lambda ids: images.batch(feats, ids)  # noqa: E731
-    return map_batches(lambda x: fn(restored.variables, x), n, batch_size, mesh, rows_of)["logits"]
+    with tqdm(total=n, desc="predict", unit="clip", disable=not progress, leave=False) as bar:
+        return map_batches(lambda x: fn(restored.variables, x), n, batch_size, mesh, rows_of, bar.update)["logits"]

@@ -54,16 +54,16 @@ def new_run_dir(out: str | None, recipe: str, resume: bool, several_processes: b
 
 
 def split_record(prep: Prepared) -> dict:
-    """Every file's path, label and side (train, val, test), with its size and mtime to notice a file changed
-    since: `evaluate RUN` uses exactly this test set, whatever the data folder holds later."""
-    side = {int(i): name for name, ids in (("train", prep.train), ("val", prep.val), ("test", prep.test))
-            for i in ids if i < prep.n_files}
+    """Every file's path, label and side (train, val, test, holdout), with its size and mtime to notice a file
+    changed since: `evaluate RUN` uses exactly this test set, whatever the data folder holds later."""
+    sides = (("train", prep.train), ("val", prep.val), ("test", prep.test), ("holdout", prep.holdout))
+    side = {int(i): name for name, ids in sides for i in ids if i < prep.n_files}
     clips = []
     for i, name in sorted(side.items()):
         st = os.stat(prep.paths[i])
         clips.append({"path": os.path.abspath(prep.paths[i]), "label": prep.classes[prep.y[i]], "side": name,
                       "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return {"data": prep.data_source, "classes": prep.classes, "clips": clips}
+    return {"data": prep.data_source, "classes": prep.classes, "holdout_group": prep.holdout_group, "clips": clips}
 
 
 def read_split_record(run_dir: Path) -> dict:
@@ -85,11 +85,14 @@ def check_same_split(record: dict, run_dir: Path) -> None:
                         "as it was, or start a new run")
 
 
-def recorded_test_clips(run_dir: Path) -> tuple[list[str], list[str]]:
-    """(paths, labels) of the run's own test set; a file changed or gone since training is an error, never a
-    silently different test set."""
+def recorded_test_clips(run_dir: Path, side: str = "test") -> tuple[list[str], list[str]]:
+    """(paths, labels) of the run's own test set (or held-out group); a file changed or gone since training is
+    an error, never a silently different test set."""
     where = Path(run_dir) / SPLIT_RECORD
-    clips = [c for c in read_split_record(run_dir)["clips"] if c["side"] == "test"]
+    clips = [c for c in read_split_record(run_dir)["clips"] if c["side"] == side]
+    if not clips:
+        raise DataError(f"{where}: the run has no {side} clips" + (" (it held out no group: train with "
+                        "--holdout-group)" if side == "holdout" else ""))
     for c in clips:
         try:
             st = os.stat(c["path"])
@@ -121,14 +124,22 @@ def plot_curves(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
+    epochs = list(range(1, len(history) + 1))  # counted across stages
+    last = history[-1]["stage"]
+    kept = [i for i, h in zip(epochs, history) if h["stage"] == last and h.get("improved")][-1:]
+    starts = [i for i, h in zip(epochs, history) if i > 1 and h["stage"] != history[i - 2]["stage"]]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key, ax in (("loss", axes[0]), ("acc", axes[1])):
+    for key, name, ax in (("loss", "loss", axes[0]), ("acc", "accuracy", axes[1])):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
         if any(h.get(f"val_{key}") is not None for h in history):
             ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
+        for x in kept:
+            ax.axvline(x, color="green", ls="--", lw=1, label=f"kept model (epoch {x})")
+        for x in starts:
+            ax.axvline(x - 0.5, color="gray", ls=":", lw=1, label="next stage")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

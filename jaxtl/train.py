@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+import types
 from collections.abc import Callable
 
 import jax
@@ -21,9 +22,10 @@ from jaxtl.cache import fingerprint
 from jaxtl.checkpoint import CheckpointError, Checkpoints
 from jaxtl.config import ConfigError, TrainConfig, config_from_args
 from jaxtl.data import DataError
-from jaxtl.epochs import Plateau, run_epoch
+from jaxtl.epochs import EpochBar, Plateau, class_logits, mean_loss, run_epoch
 from jaxtl.pipeline import StepFeed, prepare
 from jaxtl.prefix import advance, cached_prefix, head_input_statistics
+from jaxtl.report import save_confusion_png, scores, write_report
 from jaxtl.rundir import (
     RunDirError,
     check_same_split,
@@ -77,7 +79,8 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     # ---------------------------------------------------------------- setup: run directory, weights, mesh
     t_start = time.perf_counter()
     main_process = is_main_process()
-    log = log if main_process else (lambda *_: None)
+    notice = log if main_process else (lambda *_: None)  # the closing line, resumes, fallbacks: every verbosity
+    log = notice if cfg.verbose >= 1 else (lambda *_: None)
     cfg.validate()
     use_compile_cache(cfg.cache_dir)
     out = new_run_dir(cfg.out, cfg.recipe, cfg.resume, jax.process_count() > 1)
@@ -85,12 +88,15 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", dataclasses.asdict(cfg))
-    base_vars, weights_source, weights_digest = resolve_run_weights(cfg.mode, cfg.weights, log)
+    base_vars, weights_source, weights_digest = resolve_run_weights(cfg.mode, cfg.weights, notice)
     log(f"weights: {weights_source} (digest {weights_digest})")
     mesh = make_mesh()
 
     # ---------------------------------------------------------------- data: files -> features -> splits
+    seconds = {"setup": time.perf_counter() - t_start}
+    t = time.perf_counter()
     prep = prepare(cfg.data_spec(), log)
+    seconds["features"] = time.perf_counter() - t
     record = split_record(prep)
     if cfg.resume and (out / "split.json").is_file():
         check_same_split(record, out)
@@ -100,6 +106,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
             write_skipped(out, prep.skipped)
 
     # ---------------------------------------------------------------- model, checkpoints and resume
+    t = time.perf_counter()
     model = cfg.model(len(prep.classes))
     params, norm = init_params(model, cfg.image_size, cfg.seed, base_vars, cfg.init_seed)
     stages, prefix_split = cfg.stages(), cfg.always_frozen()  # the convs no stage trains: cached, saved once
@@ -116,17 +123,18 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
                                   f"{meta['weights_digest']}), this run resolved {weights_source} (digest "
                                   f"{weights_digest}); resume with the same --weights")
         start_stage, start_epoch, plateau = meta["stage"], meta["epoch"] + 1, Plateau(**meta["counters"])
-        log(f"resumed {out} after stage {start_stage + 1} epoch {start_epoch} (step {step})")
+        notice(f"resumed {out} after stage {start_stage + 1} epoch {start_epoch} (step {step})")
     elif cfg.resume:
-        log(f"--resume: {out} had saved no checkpoint yet; starting over")
+        notice(f"--resume: {out} had saved no checkpoint yet; starting over")
     history = [h for h in read_metrics(out) if (h["stage"], h["epoch"]) < (start_stage, start_epoch)] \
         if resumed is not None else []
 
     # ---------------------------------------------------------------- the frozen prefix, once per clip
-    acts = None
+    seconds["model"], acts, t = time.perf_counter() - t, None, time.perf_counter()
     if prefix_split.cached:
-        acts = cached_prefix(model, params, prep.keys, prep.feats, prefix_split.k, images, cfg.batch_size, mesh,
+        acts = cached_prefix(model, params, prep.keys, prep.feats, prefix_split.k, images, mesh,
                              cfg.cache_dir, cfg.prefix_cache_key(params, prefix_split.k), cfg.progress, log)
+    seconds["prefix"] = time.perf_counter() - t
     log(f"data: {len(prep.train)} train / {len(prep.val)} val / {len(prep.test)} test clips, "
         f"{len(prep.classes)} classes; mode {cfg.mode}; prefix {'cached' if prefix_split.cached else 'in the step'}; "
         f"{mesh.size} device(s), {jax.process_count()} process(es)")
@@ -138,7 +146,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
 
     # ---------------------------------------------------------------- stages and epochs
     rng = jax.random.PRNGKey(cfg.seed)
-    state, steps_done = None, 0
+    state, steps_done, t = None, 0, time.perf_counter()
     for stage_index, stage in enumerate(stages):
         if stage_index < start_stage:
             continue
@@ -155,11 +163,14 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
                 best_state, best_meta, _ = ckpt.restore(cfg.state_template, "best")
                 best_params = best_state.params if best_meta["stage"] == stage_index else None
             except CheckpointError as e:  # `best` keeps one save: lost, the run goes on from `latest`
-                log(f"warning: {e}; the best model so far is taken from the resumed state")
+                notice(f"warning: {e}; the best model so far is taken from the resumed state")
         state = replicate(mesh, state)
         best_params = best_params if best_params is not None else state.params
         programs = TrainPrograms(model, stage.split, cfg.preprocess, mesh, cfg.augment(), tx, rng)
         first = start_epoch if (resumed is not None and stage_index == start_stage) else 0
+        bar = EpochBar(stage.epochs, first, f"stage {stage_index + 1}/{len(stages)}",
+                       cfg.verbose == 1 and main_process)
+        best_save, saved_at = None, time.perf_counter()  # the best epoch's save waits for the next checkpoint
         for epoch in range(first, stage.epochs if not plateau.stop(cfg.patience) else first):
             desc = f"stage {stage_index + 1} epoch {epoch + 1}/{stage.epochs}"
             state, tr = run_epoch(programs, state, feed, prep.train, cfg.batch_size, mesh,
@@ -173,36 +184,61 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
                 best_params = state.params
             if cut:
                 state = state.replace(lr_scale=state.lr_scale * cfg.plateau_factor)
+                bar.write(f"{desc}: learning rate cut to {cfg.lr * float(state.lr_scale):.3g} after "
+                          f"{cfg.plateau_patience} epochs without improvement", log)
             history.append({"stage": stage_index, "epoch": epoch, "step": int(state.step), "train_loss": tr.loss,
                             "train_acc": tr.accuracy, "val_loss": val.loss if val else None,
                             "val_acc": val.accuracy if val else None, "lr": cfg.lr * float(state.lr_scale),
                             "seconds": tr.seconds,
                             "compile_seconds": tr.compile_seconds + (val.compile_seconds if val else 0.0),
-                            "images_per_s": tr.clips / tr.seconds})
+                            "images_per_s": tr.clips / tr.seconds, "improved": improved})
             if main_process:
                 write_metrics(out, history)
-            log(f"{desc}: loss {tr.loss:.4f} acc {tr.accuracy:.3f}"
-                + (f" | val loss {val.loss:.4f} acc {val.accuracy:.3f}" if val else "")
-                + f" | {tr.seconds:.2f}s, {tr.clips / tr.seconds:.0f} clips/s"
-                + (f" (+{history[-1]['compile_seconds']:.1f}s compile)" if history[-1]["compile_seconds"] > 0.05
-                   else ""))
+            line = (f"{desc}: loss {tr.loss:.4f} acc {tr.accuracy:.3f}"
+                    + (f" | val loss {val.loss:.4f} acc {val.accuracy:.3f}" if val else "")
+                    + f" | {tr.seconds:.2f}s, {tr.clips / tr.seconds:.0f} clips/s"
+                    + (f" (+{history[-1]['compile_seconds']:.1f}s compile)" if history[-1]["compile_seconds"] > 0.05
+                       else ""))
+            if cfg.verbose >= 2:
+                log(line)
+            bar.advance(history[-1], history)
             meta = {**meta_base, "stage": stage_index, "epoch": epoch, "counters": dataclasses.asdict(plateau)}
-            ckpt.save(int(state.step), state, meta, improved)
+            best_save = (int(state.step), state, meta) if improved else best_save
+            last = epoch == stage.epochs - 1 or plateau.stop(cfg.patience)
+            if last or time.perf_counter() - saved_at >= cfg.checkpoint_every:
+                ckpt.save(int(state.step), state, meta, best_save)
+                best_save, saved_at = None, time.perf_counter()
             if plateau.stop(cfg.patience):
-                log(f"early stopping: no validation improvement for {cfg.patience} epochs")
+                bar.write(f"early stopping after epoch {epoch + 1}: no validation improvement for {cfg.patience} "
+                          "epochs", log)
                 break
+        bar.close()
         state = state.replace(params=best_params)
         params, norm, steps_done, plateau = state.params, state.norm, int(state.step), Plateau()
     ckpt.close()
+    seconds["epochs"] = time.perf_counter() - t
 
     # ---------------------------------------------------------------- test and summary
-    test = None
-    if state is not None and len(prep.test):
+    scored, t = {}, time.perf_counter()
+    if state is not None:
         last = stages[-1].split
-        _, test = run_epoch(EvalPrograms(model, last, cfg.preprocess, mesh), state, feed_at(last.k), prep.test,
-                            cfg.batch_size, mesh, None, "test", train=False, progress=cfg.progress)
+        programs, feed = EvalPrograms(model, last, cfg.preprocess, mesh), feed_at(last.k)
+        for side, ids in (("test", prep.test), ("holdout", prep.holdout)):
+            if len(ids):
+                logits = class_logits(programs, state, feed, ids, cfg.batch_size, mesh, side, cfg.progress)
+                scored[side] = {**scores(prep.y[ids], logits.argmax(-1), prep.classes),
+                                "loss": mean_loss(logits, prep.y[ids])}
+    test, holdout = scored.get("test"), scored.get("holdout")
+    seconds["test"] = time.perf_counter() - t
+    kept = [h for h in history if h["stage"] == len(stages) - 1 and h.get("improved")][-1:]  # the model kept
     summary = {
-        "test_accuracy": test.accuracy if test else None, "test_loss": test.loss if test else None,
+        "test_accuracy": test["accuracy"] if test else None, "test_loss": test["loss"] if test else None,
+        "test_protocol": prep.test_protocol(), "scores": scored,
+        "holdout": {"group": prep.holdout_group, "accuracy": holdout["accuracy"], "n": holdout["n"]} if holdout
+        else None,
+        # the validation scores of the model kept (the best epoch): what choices are made on
+        "val_accuracy": kept[0]["val_acc"] if kept else None, "val_loss": kept[0]["val_loss"] if kept else None,
+        "best_epoch": {"stage": kept[0]["stage"] + 1, "epoch": kept[0]["epoch"] + 1} if kept else None,
         "n_test": len(prep.test), "n_train": len(prep.train), "n_val": len(prep.val), "classes": prep.classes,
         "weights": weights_source, "weights_digest": weights_digest, "data": prep.data_source, "mode": cfg.mode,
         "epochs_run": len(history), "wall_seconds": time.perf_counter() - t_start,
@@ -212,18 +248,43 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
         "compile_seconds": float(sum(h.get("compile_seconds", 0.0) for h in history)),
         "skipped_files": [str(e) for e in prep.skipped], "device": str(jax.devices()[0].platform),
         "n_devices": len(jax.devices()), "n_processes": jax.process_count(),
+        "stage_seconds": seconds, "out": str(out),
     }
     if main_process:
         write_json(out / "summary.json", summary)
         if history:
             plot_curves(history, out / "curves.png")
+        for side, s in scored.items():
+            save_confusion_png(s["confusion_matrix"], prep.classes, out / f"confusion_{side}.png", f"{side} (train)")
+        write_report(out)
     if prep.skipped:
         log(f"skipped {len(prep.skipped)} file(s) (listed in {out / 'skipped.tsv'}):")
         for e in prep.skipped:
             log(f"  {e}")
-    log(f"test accuracy {'-' if test is None else f'{test.accuracy:.4f}'} on {len(prep.test)} clips; "
-        f"{summary['wall_seconds']:.1f}s wall; run in {out}")
+    notice(f"test accuracy {'-' if test is None else format(test['accuracy'], '.4f')} on {len(prep.test)} clips "
+        f"({summary['test_protocol']})"
+        + (f"; held-out speaker {prep.holdout_group}: {holdout['accuracy']:.4f} on {holdout['n']} clips "
+           "(speaker-independent)" if holdout else "")
+        + f"; {summary['wall_seconds']:.1f}s wall; report {out / 'report.md'}")
     return summary
+
+
+def train(cfg: TrainConfig | None = None, log: Callable = print, **settings) -> dict:
+    """The notebook entry point: `run` of `cfg` (default: the jaxtl recipe with `settings` on top); returns
+    the summary (`summary["out"]` is the run directory)."""
+    return run(cfg or TrainConfig.from_recipe("jaxtl", **settings), log)
+
+
+class _CallableModule(types.ModuleType):
+    """`from jaxtl import train` gives this module once anything imported it (Python binds a package's
+    submodule to its name), so the module itself calls `train`: the API's name and `python -m jaxtl.train`
+    can both stay."""
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError, RunDirError, FloatingPointError,

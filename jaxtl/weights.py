@@ -241,7 +241,7 @@ def _inspect(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxtl.weights", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="jaxtl weights", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="list the conv layers found and the layers ignored")
     p.add_argument("file")

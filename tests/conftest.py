@@ -69,7 +69,8 @@ def cfg(data_dir, tmp_path):
 
     return TrainConfig(data=str(data_dir), image_size=32, epochs=3, batch_size=8, weights="random",
                        normalize=True, out=str(tmp_path / "run"), cache_dir=str(data_dir.parent / "cache"),
-                       workers=1, progress=False, patience=0)
+                       workers=1, verbose=0, patience=0,
+                       checkpoint_every=0)
 
 
 def quiet(*_):

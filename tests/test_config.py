@@ -50,7 +50,7 @@ def test_recipe_seed_reproduces_the_seed_settings(tmp_path):
 
 def test_default_recipe_is_jaxtl_and_flags_override_it():
     cfg = config_from_args([])
-    assert cfg.recipe == "jaxtl" and cfg.normalize and cfg.taps == "3,4,5"
+    assert cfg.recipe == "jaxtl" and cfg.normalize and cfg.taps == "3,4" and cfg.image_size == 64
     assert {k: getattr(cfg, k) for k in RECIPES["jaxtl"]} == RECIPES["jaxtl"]
     assert config_from_args(["--no-normalize", "--taps", "5"]).normalize is False
 
@@ -71,3 +71,10 @@ def test_a_config_from_another_version_is_one_line(cfg, capsys):
     assert evaluate_main([cfg.out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("another jaxtl version (settings warp_factor are unknown" in e for e in err)
+
+
+@pytest.mark.parametrize("taps,finetune_convs,k", [("5", 3, 10), ("3,4,5", 1, 12), ("3,4", 3, 7), ("2,3", 2, 5)])
+def test_fine_tuning_unfreezes_the_last_convs_the_head_reads(taps, finetune_convs, k):
+    for mode, ks in (("finetune", [k]), ("progressive", [13, k])):
+        cfg = TrainConfig(taps=taps, mode=mode, finetune_convs=finetune_convs).validate()
+        assert [s.split.k for s in cfg.stages()] == ks

@@ -74,7 +74,7 @@ def test_stratified_split_is_the_seeds_and_stratified():
 
     y = np.repeat(np.arange(5), 20)
     classes = list("abcde")
-    train, val, test = split_indices(y, [""] * 100, [""] * 100, "stratified", 0.2, 0.2, 42, classes)
+    train, val, test, _ = split_indices(y, [""] * 100, [""] * 100, "stratified", 0.2, 0.2, 42, classes)
     _, seed_test = train_test_split(np.arange(100), test_size=0.2, stratify=y, random_state=42)
     np.testing.assert_array_equal(np.sort(test), np.sort(seed_test))
     assert np.all(np.bincount(y[test]) == 4) and len(val) == 16 and len(set(train) | set(val) | set(test)) == 100
@@ -82,14 +82,14 @@ def test_stratified_split_is_the_seeds_and_stratified():
 
 def test_tail_validation_is_keras_validation_split():
     y = np.repeat(np.arange(2), 10)
-    train, val, test = split_indices(y, [""] * 20, [""] * 20, "stratified", 0.2, 0.25, 0, ["a", "b"], "tail")
+    train, val, test, _ = split_indices(y, [""] * 20, [""] * 20, "stratified", 0.2, 0.25, 0, ["a", "b"], "tail")
     assert len(val) == 4 and len(train) == 12
 
 
 def test_group_split_keeps_speakers_apart():
     y = np.tile(np.arange(2), 30)
     groups = [f"s{i % 5}" for i in range(60)]
-    train, val, test = split_indices(y, groups, [""] * 60, "group", 0.2, 0.2, 0, ["a", "b"])
+    train, val, test, _ = split_indices(y, groups, [""] * 60, "group", 0.2, 0.2, 0, ["a", "b"])
     g = np.asarray(groups)
     assert not set(g[test]) & set(g[np.concatenate([train, val])])
 
@@ -97,7 +97,7 @@ def test_group_split_keeps_speakers_apart():
 def test_fsdd_split_uses_the_marks():
     y = np.array([0, 1] * 5)
     given = ["test", "train", "train", "test", "train", "train", "train", "train", "train", "train"]
-    _, _, test = split_indices(y, [""] * 10, given, "fsdd", 0.2, 0.0, 0, ["a", "b"])
+    _, _, test, _ = split_indices(y, [""] * 10, given, "fsdd", 0.2, 0.0, 0, ["a", "b"])
     assert list(test) == [0, 3]
 
 
@@ -125,7 +125,7 @@ def test_synthetic_dataset_is_built_once_and_usable(tmp_path):
 def test_group_split_can_hold_out_one_named_speaker():
     y = np.tile(np.arange(2), 30)
     groups = [f"s{i % 5}" for i in range(60)]
-    train, val, test = split_indices(y, groups, [""] * 60, "group", 0.2, 0.2, 0, ["a", "b"], test_group="s3")
+    train, val, test, _ = split_indices(y, groups, [""] * 60, "group", 0.2, 0.2, 0, ["a", "b"], test_group="s3")
     g = np.asarray(groups)
     assert set(g[test]) == {"s3"} and "s3" not in set(g[np.concatenate([train, val])])
     with pytest.raises(DataError, match="'s9' is not a group"):
@@ -135,7 +135,7 @@ def test_group_split_can_hold_out_one_named_speaker():
 def test_group_split_validation_holds_out_whole_groups():
     y = np.tile(np.arange(2), 60)
     groups = [f"s{i % 6}" for i in range(120)]
-    fit, val, test = split_indices(y, groups, [""] * 120, "group", 0.2, 0.25, 0, ["a", "b"])
+    fit, val, test, _ = split_indices(y, groups, [""] * 120, "group", 0.2, 0.25, 0, ["a", "b"])
     g = np.asarray(groups)
     sides = [set(g[fit]), set(g[val]), set(g[test])]
     assert all(sides) and not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
@@ -149,3 +149,15 @@ def test_too_few_clips_for_the_classes_is_one_line_saying_what_to_change():
     with pytest.raises(DataError) as e:
         split_indices(y, [""] * 50, [""] * 50, "stratified", 0.2, 0.2, 42, [str(i) for i in range(10)])
     assert "cannot split 40 clips of 10 classes" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_held_out_group_is_in_no_other_split():
+    y = np.tile(np.arange(2), 60)
+    groups = [f"s{i % 4}" for i in range(120)]
+    fit, val, test, holdout = split_indices(y, groups, [""] * 120, "stratified", 0.2, 0.25, 0, ["a", "b"],
+                                            holdout_group="s2")
+    assert {groups[i] for i in holdout} == {"s2"} and len(holdout) == 30
+    assert "s2" not in {groups[i] for i in np.concatenate([fit, val, test])}
+    assert sorted(np.concatenate([fit, val, test, holdout]).tolist()) == list(range(120))
+    with pytest.raises(DataError, match="--holdout-group 's9' is not a group"):
+        split_indices(y, groups, [""] * 120, "stratified", 0.2, 0.25, 0, ["a", "b"], holdout_group="s9")

@@ -101,3 +101,13 @@ def test_classifier_split_composition():
     assert set(v["params"]) == {"base", "head"}
     at10 = model.apply(v, x, 10, method=Classifier.prefix)
     np.testing.assert_allclose(model.apply(v, at10, start=10), model.apply(v, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("taps,convs", [((3,), 7), ((3, 4), 10), ((3, 4, 5), 13), ((2, 4), 10)])
+def test_the_frozen_pass_runs_no_block_past_the_last_tap(base_vars, taps, convs):
+    """The prefix pass is most of a frozen job: it stops at the last block the head reads."""
+    model = Classifier(3, hidden=0, pooling="avgmax", taps=taps)
+    x = jnp.zeros((1, 32, 32, 3))
+    v = {"params": {"base": base_vars["params"], "head": {}}}
+    jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, 13, method=Classifier.prefix))(v, x)
+    assert str(jaxpr).count("conv_general_dilated") == convs

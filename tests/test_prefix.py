@@ -1,6 +1,7 @@
 import dataclasses
 
 import numpy as np
+import pytest
 
 from conftest import losses, quiet
 from jaxtl import prefix
@@ -24,7 +25,7 @@ def test_normalisation_statistics_come_from_the_training_split(cfg):
     model = cfg.model(len(prep.classes))
     params, _ = init_params(model, 32, cfg.seed)
     mesh, images = make_mesh(), cfg.image_spec()
-    acts = prefix.compute_prefix(model, params, prep.feats, np.arange(len(prep.y)), N_CONV, images, 8, mesh)
+    acts = prefix.compute_prefix(model, params, prep.feats, np.arange(len(prep.y)), N_CONV, images, mesh)
     norm = prefix.head_input_statistics(model, params, StepFeed(prep, images, acts), prep.train, N_CONV, True,
                                         images, 8, mesh)
     flat = acts["taps"]
@@ -51,3 +52,13 @@ def test_prefix_cache_computes_only_clips_it_has_not_seen(cfg, monkeypatch):
     run(dataclasses.replace(small, max_clips=None, out=cfg.out + "-all"), log=quiet)
     run(dataclasses.replace(small, max_clips=None, out=cfg.out + "-again"), log=quiet)
     assert calls == [20, 40 - 20]  # the third run computed nothing
+
+
+def test_a_non_finite_prefix_is_refused_before_it_is_cached(cfg, tmp_path, monkeypatch):
+    """Never a NaN fed to training: a prefix pass that gives non-finite outputs stops the run in one line."""
+    real = prefix.compute_prefix
+    monkeypatch.setattr(prefix, "compute_prefix", lambda *a, **k: {n: v * np.nan for n, v in real(*a, **k).items()})
+    cfg = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FloatingPointError, match="non-finite outputs for 40 of 40 clips"):
+        run(cfg, log=quiet)
+    assert not list((tmp_path / "cache").glob("prefix-*.h5"))

@@ -17,7 +17,7 @@ from jaxtl.train import run
 def test_train_evaluate_predict_at_64_pixels(cfg, recipe):
     """Restore builds the model at the run's own image size (a flatten head's shape depends on it)."""
     cfg = TrainConfig.from_recipe(recipe, data=cfg.data, image_size=64, epochs=2, batch_size=8, weights="random",
-                                    out=cfg.out, cache_dir=cfg.cache_dir, workers=1, progress=False)
+                                    out=cfg.out, cache_dir=cfg.cache_dir, workers=1, verbose=0)
     summary = run(cfg, log=quiet)
     result = evaluate(cfg.out)
     assert result["n"] == summary["n_test"]

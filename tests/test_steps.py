@@ -82,3 +82,12 @@ def test_augment_masks_and_shifts_per_clip():
     shifted = Augment(time_shift=3)(ramp, jax.random.PRNGKey(1))
     np.testing.assert_array_equal(jnp.sort(shifted, axis=2), ramp)  # a circular shift keeps every column
     assert not Augment() and Augment(noise_std=0.1)
+
+
+def test_params_hold_the_convs_the_model_runs_from_a_full_weight_file():
+    from jaxtl.model import VGG16Base
+
+    full = VGG16Base().init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))
+    params, _ = init_params(Classifier(3, hidden=0, pooling="avg", taps=(3, 4)), 32, 0, full)
+    assert list(params["base"]) == list(CONV_NAMES[:10])
+    np.testing.assert_array_equal(params["base"]["block4_conv3"]["kernel"], full["params"]["block4_conv3"]["kernel"])

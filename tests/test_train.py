@@ -137,7 +137,8 @@ def whole(data_dir, tmp_path_factory):
     the reference of every interrupted-then-resumed run below."""
     root = tmp_path_factory.mktemp("resume")
     cfg = TrainConfig(data=str(data_dir), image_size=32, epochs=3, batch_size=8, weights="random", normalize=True,
-                      patience=0, out=str(root / "whole"), cache_dir=str(root / "cache"), workers=1, progress=False,
+                      patience=0, out=str(root / "whole"), cache_dir=str(root / "cache"), workers=1, verbose=0,
+                      checkpoint_every=0,
                       **GOLDEN["finetune"]["settings"])
     run(cfg, log=quiet)
     return cfg
@@ -230,7 +231,7 @@ def one_process(data_dir, tmp_path_factory):
     """The run every multi-device and multi-process run below must follow, in one process on one device."""
     root = tmp_path_factory.mktemp("one")
     cfg = TrainConfig(data=str(data_dir), image_size=32, epochs=3, batch_size=8, weights="random", normalize=True,
-                      out=str(root / "run"), cache_dir=str(root / "cache"), workers=1, progress=False, patience=0)
+                      out=str(root / "run"), cache_dir=str(root / "cache"), workers=1, verbose=0, patience=0)
     return cfg, run(cfg, log=quiet)
 
 
@@ -268,7 +269,7 @@ def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(cfg, capsy
     bad = ["--out", cfg.out, "--resume", "--epochs", "3"]
     saved = json.loads(Path(cfg.out, "config.json").read_text())
     Path(cfg.out, "config.json").write_text(json.dumps({**saved, "lr": 1e30}))
-    assert main(bad + ["--no-progress"]) == 2
+    assert main(bad + ["--verbose", "0"]) == 2
     err = capsys.readouterr().err
     assert "training diverged: non-finite loss at step" in err and "\n" not in err.strip()
     assert Checkpoints(Path(cfg.out) / "checkpoints").steps() == steps_before
@@ -309,7 +310,7 @@ def test_two_processes_with_fresh_caches_follow_the_one_process_run(one_process,
     c, _ = one_process
     argv = ["--recipe", "seed", "--data", c.data, "--image-size", "32", "--epochs", "3", "--batch-size", "8",
             "--weights", "random", "--normalize", "--out", out, "--cache-dir", str(cache), "--workers", "1",
-            "--no-progress", "--patience", "0"]
+            "--verbose", "1", "--patience", "0"]
     procs = _two_processes(argv, [[], []])
     assert all(p.returncode == 0 for p in procs), procs[0].output[-3000:] + procs[1].output[-3000:]
     assert "2 device(s), 2 process(es)" in procs[0].output
@@ -322,7 +323,7 @@ def test_two_processes_with_fresh_caches_follow_the_one_process_run(one_process,
 def test_two_processes_with_different_weights_stop_naming_them(one_process, tmp_path):
     file = _weights_file(tmp_path / "vgg.npz")
     argv = ["--data", one_process[0].data, "--image-size", "32", "--out", str(tmp_path / "two"), "--cache-dir",
-            str(tmp_path / "cache"), "--workers", "1", "--no-progress"]
+            str(tmp_path / "cache"), "--workers", "1", "--verbose", "0"]
     procs = _two_processes(argv, [["--weights", "random"], ["--weights", str(file)]])
     assert [p.returncode for p in procs] == [2, 2], procs[0].output[-3000:]
     assert "the processes hold different weights (processes [0] vs [1])" in procs[0].output
@@ -338,7 +339,7 @@ def test_bad_files_stop_the_run_or_are_skipped_and_reported(cfg, tmp_path, capsy
     write_tone(data / "tone" / "one.wav", seconds=1 / 8000)  # a single sample
     bad = dataclasses.replace(cfg, data=str(data), epochs=1, cache_dir=str(tmp_path / "cache"))
     argv = ["--recipe", "seed", "--data", str(data), "--image-size", "32", "--epochs", "1", "--weights", "random",
-            "--cache-dir", bad.cache_dir, "--workers", "1", "--no-progress", "--out", str(tmp_path / "error")]
+            "--cache-dir", bad.cache_dir, "--workers", "1", "--verbose", "0", "--out", str(tmp_path / "error")]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "wav: " in err and "use --on-bad-file skip" in err
@@ -362,3 +363,31 @@ def test_frozen_convs_are_written_once_per_run_not_by_every_epoch(cfg):
     steps = list((root / "latest").iterdir())
     assert len(steps) == 2 and all(size(step) < frozen_bytes / 20 for step in steps)
     assert set(restore_run(cfg.out, "latest").variables["params"]["base"]) == set(CONV_NAMES)
+
+
+@pytest.mark.parametrize("verbose", [1, 2])
+def test_verbose_1_shows_one_bar_over_the_epochs_and_verbose_2_a_line_per_epoch(cfg, capsys, verbose):
+    run(dataclasses.replace(cfg, verbose=verbose), log=print)
+    printed = capsys.readouterr()
+    per_epoch = [line for line in printed.out.splitlines() if line.startswith("stage 1 epoch ")]
+    assert len(per_epoch) == (3 if verbose == 2 else 0)
+    bar = "stage 1/1: 100%|" in printed.err and "| 3/3 [" in printed.err
+    assert bar == (verbose == 1)
+    assert printed.out.splitlines()[-1].startswith("test accuracy")
+
+
+def test_checkpoints_every_n_seconds_keep_the_best_epoch_and_the_end(cfg, tmp_path):
+    """With saves spaced in time (the default), a stage still ends saved, and `best` is the best epoch's
+    state, as with a save after every epoch."""
+    every = dataclasses.replace(cfg, epochs=4, lr=0.05, normalize=False)  # validation loss rises after epoch 1
+    spaced = dataclasses.replace(every, checkpoint_every=1e9, out=str(tmp_path / "spaced"))
+    run(every, log=quiet)
+    run(spaced, log=quiet)
+    np.testing.assert_allclose(losses(spaced.out), losses(every.out), rtol=1e-6)
+    per_epoch = metrics(every.out)[0]["step"]
+    assert Checkpoints(Path(spaced.out) / "checkpoints").steps() == [4 * per_epoch]
+    assert Checkpoints(Path(every.out) / "checkpoints").steps() == [3 * per_epoch, 4 * per_epoch]
+    want, got = restore_run(every.out, "best"), restore_run(spaced.out, "best")
+    assert got.meta["epoch"] == want.meta["epoch"] == 0  # saved with the last epoch's checkpoint, as it was
+    for a, b in zip(jax.tree.leaves(want.variables), jax.tree.leaves(got.variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
