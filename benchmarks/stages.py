@@ -61,7 +61,8 @@ def main() -> None:
                 cmd = [sys.executable, "-m", "jaxtl.train", "--data", str(manifest), "--weights", "random",
                        "--image-size", size, "--verbose", "0", "--out", str(out), "--cache-dir", str(tmp / f"c{i}"),
                        *shlex.split(args.extra)]
-                env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(xla)}
+                env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(xla),  # as jaxtl sets its own cache
+                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
                 t = time.perf_counter()
                 proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 if proc.returncode:
