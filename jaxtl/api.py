@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtl.audio import BadAudio, extract, features_batch
+from jaxtl.audio import BadAudio, extract, features_batch, long_enough
 from jaxtl.config import TrainConfig
 from jaxtl.images import RaggedFeatures
 from jaxtl.restore import RestoredRun, predict_logits, restore_run
@@ -58,12 +58,12 @@ class Run:
             if isinstance(c, str | os.PathLike):
                 feats.append(next(from_files))
                 continue
-            y = np.asarray(c, np.float32)
-            window = fc.win_length or fc.n_fft
-            if y.ndim != 1 or len(y) < window or not np.isfinite(y).all():
-                raise BadAudio(f"clip {i}", f"need a finite 1-D waveform of at least {window} samples at "
-                                            f"{self.sample_rate} Hz, got shape {y.shape}")
-            feats.append(features_batch([y], fc)[0])
+            y = np.asarray(c)
+            y = (y / np.iinfo(y.dtype).max if np.issubdtype(y.dtype, np.integer) else y).astype(np.float32)
+            if y.ndim != 1 or not np.isfinite(y).all():
+                raise BadAudio(f"clip {i}", f"need a finite 1-D waveform at {self.sample_rate} Hz, got shape {y.shape}")
+            y = y[:int(fc.max_seconds * fc.sample_rate)] if fc.max_seconds else y  # as files are read
+            feats.append(features_batch([long_enough(y, fc, f"clip {i}")], fc)[0])
         logits = predict_logits(self.restored, RaggedFeatures.from_list(feats), progress=progress)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)

@@ -224,19 +224,24 @@ def perturb_audio(y: np.ndarray, sample_rate: int, perturbation: Perturbation) -
     return y.astype(np.float32)
 
 
+def long_enough(y: np.ndarray, cfg: FeatureConfig, name: str) -> np.ndarray:
+    """`y`, or BadAudio when it is shorter than one analysis window (no frame to compute)."""
+    window = cfg.win_length or cfg.n_fft
+    if len(y) < window:
+        raise BadAudio(name, f"too short: {len(y)} samples at {cfg.sample_rate} Hz, less than one {window}-sample "
+                             "analysis window")
+    return y
+
+
 def file_features(paths: list[str], cfg: FeatureConfig, perturb: list[Perturbation | None] | None = None
                   ) -> tuple[list[np.ndarray | None], list[BadAudio]]:
     """Features of files (optionally of perturbed copies), batched by similar length; unusable files come
     back as None plus their error."""
     clips: list[np.ndarray | None] = []
     errors = []
-    window = cfg.win_length or cfg.n_fft
     for p, pert in zip(paths, perturb or [None] * len(paths)):
         try:
-            y = load_audio(p, cfg.sample_rate, cfg.max_seconds)
-            if len(y) < window:
-                raise BadAudio(p, f"too short: {len(y)} samples at {cfg.sample_rate} Hz, less than one "
-                                  f"{window}-sample analysis window")
+            y = long_enough(load_audio(p, cfg.sample_rate, cfg.max_seconds), cfg, p)
             clips.append(y if pert is None else perturb_audio(y, cfg.sample_rate, pert))
         except BadAudio as e:
             clips.append(None)

@@ -148,7 +148,7 @@ class TrainConfig:
             (self.epochs >= 0 and self.finetune_epochs >= 0, "--epochs must not be negative"),
             (0 < self.test_size < 1, "--test-size must be between 0 and 1"),
             (0 <= self.val_size < 1, "--val-size must be in [0, 1)"),
-            (1 <= self.finetune_convs <= BLOCK_END[max(self.tap_blocks)],
+            (self.mode in ("frozen", "scratch") or 1 <= self.finetune_convs <= BLOCK_END[max(self.tap_blocks)],
              f"--finetune-convs must be in 1..{BLOCK_END[max(self.tap_blocks)]} (the convs up to the last tap)"),
             (self.lr > 0 and self.base_lr > 0, "learning rates must be positive"),
             (not (self.mode == "scratch" and self.weights not in (None, "random")),
@@ -241,10 +241,10 @@ class Stage:
 
 
 # Settings that differ from the seed recipe's, with the evidence in benchmarks/results (README, "Transfer
-# quality"): standardised features from blocks 3-5 (avg+max pooled) into a linear head with early stopping,
-# and log-mel images of the audio's own band, stretched to the width, with VGG16's own preprocessing, at
-# 64x64: the cheapest size within noise of the best on validation data (benchmarks/image_size.py), a
-# VGG16 pass 12x cheaper than 224x224's.
+# quality" and "The cheapest image"): standardised avg+max-pooled features of blocks 3 and 4 (block 5 added
+# nothing on validation) into a linear head with early stopping, and log-mel images of the audio's own band,
+# stretched to the width, with VGG16's own preprocessing, at 64x64: the cheapest size within noise of the
+# best on validation data (benchmarks/image_size.py), a VGG16 pass 12x cheaper than 224x224's.
 RECIPES: dict[str, dict] = {
     "seed": {},
     "jaxtl": {
@@ -269,6 +269,9 @@ def saved_config(out: str | os.PathLike) -> dict:
 def load_config(settings: dict, where) -> TrainConfig:
     """A saved config as a TrainConfig; settings this version does not know are a one-line error."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if "progress" in settings and "verbose" not in settings:  # jaxtl 0.1's name for the progress bars
+        settings = {**settings, "verbose": 1 if settings["progress"] else 0}
+        settings.pop("progress")
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ConfigError(f"{where}: written by another jaxtl version (settings {', '.join(unknown)} are unknown "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -56,13 +57,16 @@ def evaluate(run_dir: str, data: str | None = None, which: str = "best", on_bad_
     feats, y, skipped, keys = labelled_clips(restored, Path(run_dir), data, on_bad_file, side, progress)
     pred = predict_logits(restored, feats, keys=keys, progress=progress).argmax(-1)
     classes = restored.classes
-    png = Path(run_dir) / "confusion_matrix.png"
+    png = Path(run_dir).absolute() / "confusion_matrix.png"
     what = f"every clip of {data}" if data else f"the run's recorded {side} set"
     result = {**scores(y, pred, classes), "classes": classes, "what": what, "checkpoint": which,
               "predictions": pred.tolist(), "confusion_png": str(png), "skipped": [str(e) for e in skipped]}
-    save_confusion_png(result["confusion_matrix"], classes, png, f"evaluate: {what}")
-    (Path(run_dir) / EVALUATION).write_text(json.dumps(result))
-    write_report(run_dir)
+    try:  # a run directory that cannot be written (trained elsewhere, read-only) still gets its scores
+        save_confusion_png(result["confusion_matrix"], classes, png, f"evaluate: {what}")
+        (Path(run_dir) / EVALUATION).write_text(json.dumps(result))
+        write_report(run_dir)
+    except OSError as e:
+        logging.getLogger("jaxtl").warning(f"{run_dir}: scores not saved into the run directory ({e})")
     return result
 
 

@@ -7,6 +7,7 @@ once, padding the last batch and masking the padding, so every step has one shap
 
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 from collections.abc import Callable, Iterator
@@ -68,6 +69,8 @@ class Prepared:
     def test_protocol(self) -> str:
         """Whether the test set's speakers (groups) were also trained on: the label every accuracy carries."""
         train, test = {self.groups[i] for i in self.train if i < self.n_files}, {self.groups[i] for i in self.test}
+        if not len(self.test):
+            return "no test set"
         if not any(self.groups):
             return "groups unknown: speaker-dependence not known"
         if train & test:
@@ -91,8 +94,9 @@ def resolve_data(data: str | None, cache_dir: str | None, log: Callable = print)
         return str(fetch_fsdd(cache))
     except DataError as e:
         root = synthetic(cache)
-        log(f"*** no --data given and FSDD cannot be downloaded ({e}); using the built-in SYNTHETIC dataset "
-            f"at {root} (4 classes of generated sounds, 24 clips each) ***")
+        logging.getLogger("jaxtl").warning(  # a fallback: shown at every --verbose
+            f"*** no --data given, no demo set and FSDD cannot be downloaded ({e}); using the built-in SYNTHETIC "
+            f"dataset at {root} (4 classes of generated sounds, 24 clips each) ***")
         return str(root)
 
 
@@ -146,7 +150,7 @@ def prepare(spec: DataSpec, log: Callable = print) -> Prepared:
     given = [ds.splits[keep[i]] for i in ok]
     holdout_group = spec.holdout_group
     if holdout_group == "auto":  # the demo reports a speaker it never heard beside its own test split
-        holdout_group = DEMO_HOLDOUT if Path(source) == DEMO and spec.split == "stratified" else None
+        holdout_group = DEMO_HOLDOUT if Path(source).resolve() == DEMO and spec.split == "stratified" else None
     train, val, test, holdout = split_indices(y, groups, given, spec.split, spec.test_size, spec.val_size,
                                               spec.seed, classes, spec.val_method, spec.test_group,
                                               spec.train_clips, spec.split_seed, holdout_group)

@@ -30,12 +30,12 @@ def _carried(out: dict) -> dict:
 
 # Clips per device in one prefix-pass batch: a forward pass holds no gradients, so it can take more than a
 # train step; an accelerator needs large batches to fill (benchmarks/forward.py), a CPU core does not.
-PREFIX_BATCH = {"cpu": 64, "gpu": 256, "tpu": 256}
+PREFIX_BATCH = {"cpu": 64, "gpu": 256}
 
 
 def prefix_batch_size(mesh) -> int:
     """The prefix pass's global batch for the mesh's devices (the train batch size does not bound it)."""
-    return PREFIX_BATCH.get(mesh.devices.flat[0].platform, 64) * mesh.size
+    return PREFIX_BATCH.get(mesh.devices.flat[0].platform, PREFIX_BATCH["cpu"]) * mesh.size
 
 
 def compute_prefix(model: Classifier, params, feats: RaggedFeatures, ids: np.ndarray, k: int, images: ImageSpec,

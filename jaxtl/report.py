@@ -56,26 +56,22 @@ def save_confusion_png(cm, classes: list[str], path: Path, title: str = "") -> N
     plt.close(fig)
 
 
+def differences(config: dict) -> dict:
+    """{setting: (this run's value, its recipe's)} for every setting the run changed from its recipe."""
+    recipe = TrainConfig.from_recipe(config.get("recipe", "jaxtl")).__dict__
+    return {k: (v, recipe.get(k)) for k, v in config.items() if k not in ("recipe", "resume") and v != recipe.get(k)}
+
+
 def reproduce_command(config: dict) -> str:
     """`jaxtl train` with the recipe and every setting that differs from it."""
-    recipe = config.get("recipe", "jaxtl")
-    base = TrainConfig.from_recipe(recipe).__dict__
-    flags = ["jaxtl", "train", "--recipe", recipe]
-    for name, value in config.items():
-        if name in ("recipe", "resume") or base.get(name) == value:
-            continue
+    flags = ["jaxtl", "train", "--recipe", config.get("recipe", "jaxtl")]
+    for name, (value, _) in differences(config).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + flag[2:])
         else:
             flags += [flag, "none" if value is None else str(value)]
     return shlex.join(flags)
-
-
-def _non_default(config: dict) -> list[list[str]]:
-    recipe = TrainConfig.from_recipe(config.get("recipe", "jaxtl")).__dict__
-    return [[k, json.dumps(v), json.dumps(recipe.get(k))] for k, v in config.items()
-            if k != "recipe" and v != recipe.get(k)]
 
 
 def _scores_blocks(title: str, s: dict, classes: list[str], png: str | None) -> list:
@@ -92,9 +88,10 @@ def blocks_of(run_dir: Path) -> list:
     config = json.loads((run_dir / "config.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     split = json.loads((run_dir / "split.json").read_text()) if (run_dir / "split.json").is_file() else {}
-    sides = {}
+    sides = {side: 0 for side in ("train", "val", "test", "holdout")}
     for c in split.get("clips", []):
-        sides[c["side"]] = sides.get(c["side"], 0) + 1
+        sides[c["side"]] += 1
+    sides = {side: n for side, n in sides.items() if n}
     blocks = [("h1", f"jaxtl run {run_dir.name}"), ("code", reproduce_command(config))]
     used = [f"data: {summary.get('data') or config.get('data')} ({', '.join(f'{n} {s}' for s, n in sides.items())} "
             f"clips; {len(split.get('classes', []))} classes)",
@@ -124,13 +121,14 @@ def blocks_of(run_dir: Path) -> list:
     for side, title in (("test", "Test set"), ("holdout", "Held-out speaker")):
         if summary.get("scores", {}).get(side):
             png = f"confusion_{side}.png" if (run_dir / f"confusion_{side}.png").is_file() else None
-            blocks += _scores_blocks(f"{title} (train)", summary["scores"][side], split["classes"], png)
+            blocks += _scores_blocks(f"{title} (end of training)", summary["scores"][side], split["classes"], png)
     if (run_dir / EVALUATION).is_file():
         ev = json.loads((run_dir / EVALUATION).read_text())
         png = Path(ev["confusion_png"]).name if Path(ev["confusion_png"]).is_file() else None
         blocks += _scores_blocks(f"Evaluate: {ev['what']}", ev, ev["classes"], png)
     blocks += [("h2", f"Settings that differ from the recipe ({config.get('recipe')})"),
-               ("table", ["setting", "this run", "recipe"], _non_default(config))]
+               ("table", ["setting", "this run", "recipe"],
+                [[k, json.dumps(v), json.dumps(r)] for k, (v, r) in differences(config).items()])]
     return blocks
 
 

@@ -76,6 +76,16 @@ def check_same_everywhere(digest: str, what: str, fix: str) -> None:
         raise ProcessMismatch(f"the processes hold different {what} (processes {sides}): {fix}")
 
 
+def process_0_decides(flag: bool) -> bool:
+    """Process 0's `flag`, in every process: a decision that ends in a collective (a checkpoint save) must be
+    the same everywhere, and clocks differ between processes."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
+
+
 def global_batch(mesh: Mesh, local):
     """This process's rows of a batch (a pytree of arrays) -> arrays sharded over the mesh's `data` axis."""
     sharding = batch_sharding(mesh)

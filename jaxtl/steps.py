@@ -89,7 +89,7 @@ def _images(image_size: int):
 # A random VGG16 base is ~1,200 ops of RNG code that run once: XLA:CPU's default backend optimisation takes
 # 3.2 s to compile them (a third of a 100-clip frozen job) and 0.1 s to run, level 1 0.8 s and 0.1 s, with
 # identical numbers (2-core AMD EPYC).
-FAST_COMPILE = {"cpu": {"xla_backend_optimization_level": 1}}
+CPU_INIT_COMPILE = {"xla_backend_optimization_level": 1}
 
 
 def init_base(model: Classifier, image_size: int, seed: int) -> dict:
@@ -97,7 +97,7 @@ def init_base(model: Classifier, image_size: int, seed: int) -> dict:
     path), shaped like a weight file's variables."""
     run_base = functools.partial(model.init, method=lambda m, x: m.advance(x, 0, N_CONV))
     key, x = jax.random.PRNGKey(seed), _images(image_size)
-    init = jax.jit(run_base).lower(key, x).compile(FAST_COMPILE.get(jax.default_backend()))
+    init = jax.jit(run_base).lower(key, x).compile(CPU_INIT_COMPILE if jax.default_backend() == "cpu" else None)
     return {"params": flax.core.unfreeze(init(key, x)["params"]["base"])}
 
 

@@ -25,7 +25,7 @@ from jaxtl.data import DataError
 from jaxtl.epochs import EpochBar, Plateau, class_logits, mean_loss, run_epoch
 from jaxtl.pipeline import StepFeed, prepare
 from jaxtl.prefix import advance, cached_prefix, head_input_statistics
-from jaxtl.report import save_confusion_png, scores, write_report
+from jaxtl.report import EVALUATION, save_confusion_png, scores, write_report
 from jaxtl.rundir import (
     RunDirError,
     check_same_split,
@@ -44,6 +44,7 @@ from jaxtl.sharding import (
     initialize_distributed,
     is_main_process,
     make_mesh,
+    process_0_decides,
     replicate,
 )
 from jaxtl.steps import EvalPrograms, TrainPrograms, create_train_state, init_params, use_compile_cache
@@ -205,7 +206,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
             meta = {**meta_base, "stage": stage_index, "epoch": epoch, "counters": dataclasses.asdict(plateau)}
             best_save = (int(state.step), state, meta) if improved else best_save
             last = epoch == stage.epochs - 1 or plateau.stop(cfg.patience)
-            if last or time.perf_counter() - saved_at >= cfg.checkpoint_every:
+            if last or process_0_decides(time.perf_counter() - saved_at >= cfg.checkpoint_every):
                 ckpt.save(int(state.step), state, meta, best_save)
                 best_save, saved_at = None, time.perf_counter()
             if plateau.stop(cfg.patience):
@@ -255,12 +256,14 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
         if history:
             plot_curves(history, out / "curves.png")
         for side, s in scored.items():
-            save_confusion_png(s["confusion_matrix"], prep.classes, out / f"confusion_{side}.png", f"{side} (train)")
+            save_confusion_png(s["confusion_matrix"], prep.classes, out / f"confusion_{side}.png",
+                               f"{side} set, end of training")
+        (out / EVALUATION).unlink(missing_ok=True)  # scored a model this run has replaced
         write_report(out)
     if prep.skipped:
-        log(f"skipped {len(prep.skipped)} file(s) (listed in {out / 'skipped.tsv'}):")
+        notice(f"skipped {len(prep.skipped)} file(s) (listed in {out / 'skipped.tsv'}):")
         for e in prep.skipped:
-            log(f"  {e}")
+            notice(f"  {e}")
     notice(f"test accuracy {'-' if test is None else format(test['accuracy'], '.4f')} on {len(prep.test)} clips "
         f"({summary['test_protocol']})"
         + (f"; held-out speaker {prep.holdout_group}: {holdout['accuracy']:.4f} on {holdout['n']} clips "
@@ -270,9 +273,10 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
 
 
 def train(cfg: TrainConfig | None = None, log: Callable = print, **settings) -> dict:
-    """The notebook entry point: `run` of `cfg` (default: the jaxtl recipe with `settings` on top); returns
+    """The notebook entry point: `run` of `cfg` (default: the jaxtl recipe), with `settings` on top; returns
     the summary (`summary["out"]` is the run directory)."""
-    return run(cfg or TrainConfig.from_recipe("jaxtl", **settings), log)
+    cfg = dataclasses.replace(cfg, **settings) if cfg is not None else TrainConfig.from_recipe("jaxtl", **settings)
+    return run(cfg, log)
 
 
 class _CallableModule(types.ModuleType):

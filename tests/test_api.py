@@ -35,6 +35,9 @@ def test_readme_python_example_runs_as_written(data_dir, tmp_path, monkeypatch):
     assert run.sample_rate == 8000
     from_arrays, p2 = run.predict(waves)
     assert from_arrays == labels and p2 == pytest.approx(probs, abs=1e-4)
+    paths = sorted(DEMO.glob("7_*.wav"))[:3]
+    mixed, p3 = run.predict([paths[0], waves[1], str(paths[2])])  # paths and arrays keep their order
+    assert mixed == labels and p3 == pytest.approx(probs, abs=1e-4)
 
 
 def test_console_script_and_version():
@@ -65,6 +68,10 @@ def test_default_run_trains_on_the_demo_set_and_verbose_0_prints_only_the_summar
         sides.setdefault(c["side"], set()).add(Path(c["path"]).stem.split("_")[1])
     assert sides["holdout"] == {"yweweler"} and "yweweler" not in sides["train"] | sides["val"] | sides["test"]
     assert "held-out speaker yweweler" in (out / "report.md").read_text()
+    from jaxtl.evaluate import evaluate
+
+    held = evaluate(str(out), side="holdout", progress=False)  # the recorded held-out speaker, from the checkpoint
+    assert (held["n"], held["accuracy"]) == (60, pytest.approx(summary["holdout"]["accuracy"]))
 
 
 def test_the_demo_set_is_balanced_and_attributed():

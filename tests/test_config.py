@@ -62,6 +62,15 @@ def test_resume_takes_the_saved_config_and_only_the_flags_given(cfg, tmp_path):
     assert resumed == dataclasses.replace(cfg, resume=True, epochs=7)
 
 
+def test_a_jaxtl_0_1_config_still_loads(cfg):
+    from jaxtl.config import load_config
+
+    new_settings = ("verbose", "holdout_group", "checkpoint_every")
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in new_settings}
+    assert load_config({**old, "progress": False}, "config.json").verbose == 0
+    assert load_config({**old, "progress": True}, "config.json").verbose == 1
+
+
 def test_a_config_from_another_version_is_one_line(cfg, capsys):
     from jaxtl.evaluate import main as evaluate_main
 

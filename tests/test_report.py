@@ -28,6 +28,13 @@ def test_report_names_every_stage_and_evaluate_adds_its_result(cfg):
     assert "## Evaluate: the run's recorded test set" in (out / "report.md").read_text()
 
 
+def test_a_run_without_validation_clips_still_reports(cfg):
+    summary = run(dataclasses.replace(cfg, val_size=0.0, epochs=2), log=quiet)
+    md = (Path(cfg.out) / "report.md").read_text()
+    assert summary["val_accuracy"] is None and "validation accuracy" not in md
+    assert f"test accuracy **{100 * summary['test_accuracy']:.1f} %**" in md
+
+
 def test_reproduce_command_rebuilds_the_config():
     cfg = TrainConfig.from_recipe("jaxtl", image_size=64, taps="3,4", normalize=False, data="my clips/x",
                                   weight_decay=0.0, out="runs/a")

@@ -177,6 +177,15 @@ def test_resume_after_a_corrupt_newest_checkpoint_continues_from_the_one_before(
     np.testing.assert_allclose(losses(cfg.out), losses(whole.out), rtol=1e-5)
 
 
+def test_a_run_killed_before_its_first_timed_checkpoint_starts_over_and_ends_the_same(whole, tmp_path):
+    cfg = dataclasses.replace(whole, out=str(tmp_path / "run"), checkpoint_every=1e9)  # saves only at the end
+    _killed_run(cfg, "step", metrics(whole.out)[0]["step"] + 2)  # in epoch 2: nothing saved yet
+    logs = []
+    run(dataclasses.replace(cfg, resume=True), log=logs.append)
+    assert any("had saved no checkpoint yet; starting over" in line for line in logs), logs
+    np.testing.assert_allclose(losses(cfg.out), losses(whole.out), rtol=1e-5)
+
+
 def test_kill_between_saving_best_and_latest_keeps_the_best_model(whole, tmp_path):
     best, last_improved = float("inf"), None
     for epoch, row in enumerate(metrics(whole.out)):
