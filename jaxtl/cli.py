@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import jaxtl
@@ -23,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name:9s} {what}" for name, what in COMMANDS.items())
         print(usage, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    return importlib.import_module(f"jaxtl.{argv[0]}").main(argv[1:]) or 0
+    try:
+        return importlib.import_module(f"jaxtl.{argv[0]}").main(argv[1:]) or 0
+    except BrokenPipeError:  # output piped into `head`: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
