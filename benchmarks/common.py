@@ -53,10 +53,16 @@ SEED_RECIPE: dict = RECIPES["seed"]
 _FEATURES = ("representation", "sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "fmax", "fit",
              "preprocess")
 LOGMEL_8K = {k: v for k, v in RECIPES["jaxtl"].items() if k in _FEATURES}
-LINEAR_TAPS = {k: v for k, v in RECIPES["jaxtl"].items() if k not in _FEATURES and k != "image_dtype"}
+# "taps345": the head of the recipe before the image-size study chose taps 3,4 (kept, so old results reproduce)
+LINEAR_TAPS = {**{k: v for k, v in RECIPES["jaxtl"].items() if k not in (*_FEATURES, "image_dtype", "image_size")},
+               "taps": "3,4,5"}
+JAXTL = {k: v for k, v in RECIPES["jaxtl"].items() if k not in ("image_dtype", "image_size")}  # today's recipe
 
 CONFIGS = {
     "seed": SEED_RECIPE,
+    "jaxtl": JAXTL,
+    "jaxtl+bandnorm": {**JAXTL, "band_norm": True},
+    "jaxtl+aug2": {**JAXTL, "augment_copies": 2},
     "seed+zscore": {"normalize": True},
     "seed+zscore+40ep": {"normalize": True, "epochs": 40, "patience": 6},
     "mfcc-stretch+zscore": {"normalize": True, "fit": "stretch"},
