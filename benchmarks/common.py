@@ -61,8 +61,15 @@ JAXTL = {k: v for k, v in RECIPES["jaxtl"].items() if k not in ("image_dtype", "
 CONFIGS = {
     "seed": SEED_RECIPE,
     "jaxtl": JAXTL,
-    "jaxtl+bandnorm": {**JAXTL, "band_norm": True},
+    "jaxtl+bandnorm": {**JAXTL, "band_norm": "mean"},
     "jaxtl+aug2": {**JAXTL, "augment_copies": 2},
+    # issue 15's levers, each alone on today's recipe
+    "jaxtl+meanvar": {**JAXTL, "band_norm": "meanvar"},
+    "jaxtl+pcen": {**JAXTL, "representation": "pcen"},
+    "jaxtl+mixup": {**JAXTL, "mixup": 0.4},
+    "jaxtl+logreg": {**JAXTL, "head": "logreg"},
+    "jaxtl+lda": {**JAXTL, "head": "lda"},
+    "jaxtl+ncm": {**JAXTL, "head": "ncm"},
     "seed+zscore": {"normalize": True},
     "seed+zscore+40ep": {"normalize": True, "epochs": 40, "patience": 6},
     "mfcc-stretch+zscore": {"normalize": True, "fit": "stretch"},
@@ -70,7 +77,7 @@ CONFIGS = {
     "taps345-linear+logmel8k": {**LINEAR_TAPS, **LOGMEL_8K},
     "taps345-mlp+logmel8k": {**LINEAR_TAPS, **LOGMEL_8K, "hidden": 256, "dropout": 0.3},
     "taps345-linear+mfcc-delta": {**LINEAR_TAPS, "representation": "mfcc-delta", "fit": "stretch"},
-    "taps345-linear+logmel8k+bandnorm": {**LINEAR_TAPS, **LOGMEL_8K, "band_norm": True},
+    "taps345-linear+logmel8k+bandnorm": {**LINEAR_TAPS, **LOGMEL_8K, "band_norm": "mean"},
     "taps345-linear+logmel8k+aug2": {**LINEAR_TAPS, **LOGMEL_8K, "augment_copies": 2},
     # small training sets: every clip fits (no validation clips to stop on), pitch/tempo copies
     "taps345-linear+logmel8k+noval": {**LINEAR_TAPS, **LOGMEL_8K, "val_size": 0.0, "patience": 0,

@@ -4,9 +4,12 @@ librosa, soundfile and soxr are imported where used, so the model, training and 
 machines that hold cached features but no audio stack (the GPU image, say).
 
 Clips of a batch are zero-padded to a common length and go through librosa as one 2-D array
-(librosa computes over leading axes). This equals per-clip librosa because librosa's STFT pads with
-zeros (`pad_mode="constant"`), so a clip's own frames see the same samples either way; the dB step,
-whose `top_db` floor librosa takes over the whole array, is done per clip here.
+(librosa computes over leading axes). PCEN (per-channel energy normalisation, `librosa.pcen`) replaces the
+log of log-mel with an adaptive gain per band: a level- and channel-invariance lever.
+
+The batch equals per-clip librosa because librosa's STFT pads with zeros (`pad_mode="constant"`), so a
+clip's own frames see the same samples either way; the dB step, whose `top_db` floor librosa takes over
+the whole array, is done per clip here.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 # Bump when a change to this module changes the features it computes: cached features of older code are
 # then recomputed instead of read (the cache key holds it and the audio libraries' versions).
 FEATURE_CODE_VERSION = 2
-REPRESENTATIONS = ("mfcc", "mfcc-delta", "logmel")
+REPRESENTATIONS = ("mfcc", "mfcc-delta", "logmel", "pcen")
+# librosa.pcen expects magnitudes of integer-scaled audio; float audio in [-1, 1] is scaled as its docs say
+PCEN_INPUT_SCALE = 2.0 ** 31
 
 
 class BadAudio(Exception):
@@ -196,6 +201,8 @@ def features_batch(clips: list[np.ndarray], cfg: FeatureConfig) -> list[np.ndarr
     if cfg.representation == "logmel":
         ref = np.where(valid, mel, 0.0).max(axis=(1, 2), keepdims=True)
         feats = _power_to_db(mel, ref, cfg.top_db)[:, None]
+    elif cfg.representation == "pcen":  # causal along time from a fixed initial state: padding after a clip is unseen
+        feats = librosa.pcen(mel * PCEN_INPUT_SCALE, sr=cfg.sample_rate, hop_length=cfg.hop_length, axis=-1)[:, None]
     else:
         db = _power_to_db(np.where(valid, mel, 0.0), 1.0, cfg.top_db)
         mfcc = scipy.fft.dct(db, axis=-2, type=2, norm="ortho")[:, :cfg.n_mfcc]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxtl import images as imagelib
 from jaxtl.audio import REPRESENTATIONS, FeatureConfig
 from jaxtl.data import LAYOUTS, SPLITS
+from jaxtl.heads import HEADS
 from jaxtl.images import ImageSpec
 from jaxtl.model import BLOCK_END, N_CONV, Classifier
 from jaxtl.pipeline import DataSpec
@@ -84,7 +85,8 @@ class TrainConfig:
                   choices=imagelib.FIT_MODES)
     preprocess: str = setting("unit", "network input: [0,1] images (seed) or Keras' caffe preprocessing",
                          choices=imagelib.PREPROCESS_MODES)
-    band_norm: bool = setting(False, "subtract each feature band's mean over the clip (per-utterance normalisation)")
+    band_norm: str = setting("none", "per-utterance normalisation of each feature band over the clip: subtract its "
+                                     "mean, or its mean and divide by its std", choices=imagelib.BAND_NORMS)
     image_dtype: str = setting("float32", "host-side image dtype; uint8 moves 4x fewer bytes to the device",
                           choices=imagelib.STORAGE_DTYPES)
     # model
@@ -93,6 +95,9 @@ class TrainConfig:
     mode: str = setting("frozen", "what trains", choices=MODES)
     finetune_convs: int = setting(3, "conv layers unfrozen by finetune/progressive, counted back from the last "
                                      "block the head reads (3: that whole block)")
+    head: str = setting("dense", "the classifier on the frozen base: trained by gradient steps (dense), or fitted in "
+                                 "closed form for tiny datasets: logistic regression with inner cross-validation "
+                                 "(logreg), shrinkage LDA (lda), nearest class mean (ncm)", choices=HEADS)
     hidden: int = setting(256, "head hidden units (0: a linear head)")
     dropout: float = setting(0.0, "head dropout rate")
     pooling: str = setting("flatten", "how the head sees each tapped block's output",
@@ -115,6 +120,8 @@ class TrainConfig:
     time_shift: int = setting(0, "random circular time shift of up to this many image columns")
     time_mask: int = setting(0, "SpecAugment time mask of up to this many columns")
     freq_mask: int = setting(0, "SpecAugment frequency mask of up to this many rows")
+    mixup: float = setting(0.0, "in-step mixup of the step's inputs (cached split-point inputs or images) and "
+                                "labels, weight ~ Beta(a, a) per batch; a = this value (0: off)")
     augment_copies: int = setting(0, "offline: pitch-shifted, time-stretched copies of each training clip (cached)")
     pitch_shift: float = setting(2.0, "largest pitch shift of a copy, in semitones")
     time_stretch: float = setting(0.1, "largest tempo change of a copy (0.1: rates 0.9 to 1.1)")
@@ -153,6 +160,11 @@ class TrainConfig:
             (self.lr > 0 and self.base_lr > 0, "learning rates must be positive"),
             (not (self.mode == "scratch" and self.weights not in (None, "random")),
              "--mode scratch trains from random init; drop --weights"),
+            (self.head == "dense" or (self.mode == "frozen" and self.hidden == 0 and self.cache_prefix
+                                      and not self.augment()),
+             f"--head {self.head} is a linear head fitted on the frozen base's cached outputs: it needs --mode "
+             "frozen, --hidden 0, the prefix cache (--cache-prefix) and no in-step augmentation"),
+            (self.mixup >= 0, "--mixup must not be negative"),
         ]
         for ok, message in checks:
             if not ok:
@@ -210,6 +222,8 @@ class TrainConfig:
                 "progressive": [(N_CONV, self.epochs, self.base_lr), (k_tune, self.finetune_epochs, self.base_lr)],
                 "scratch": [(0, self.epochs, self.lr)]}[self.mode]
         cached = self.cache_prefix and not self.augment() and min(k for k, _, _ in plan) > 0
+        if self.head != "dense":  # fitted once, then scored like one epoch
+            plan = [(k, 1, base_lr) for k, _, base_lr in plan]
         return [Stage(SplitPoint(k, cached), epochs, Optimizer(self.lr, base_lr, self.weight_decay))
                 for k, epochs, base_lr in plan]
 
@@ -272,6 +286,8 @@ def load_config(settings: dict, where) -> TrainConfig:
     if "progress" in settings and "verbose" not in settings:  # jaxtl 0.1's name for the progress bars
         settings = {**settings, "verbose": 1 if settings["progress"] else 0}
         settings.pop("progress")
+    if isinstance(settings.get("band_norm"), bool):  # jaxtl 0.2: a flag for what is now band_norm=mean
+        settings = {**settings, "band_norm": "mean" if settings["band_norm"] else "none"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ConfigError(f"{where}: written by another jaxtl version (settings {', '.join(unknown)} are unknown "

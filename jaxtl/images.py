@@ -9,8 +9,9 @@ images without a Python loop per clip:
 - rows: image row `r` shows feature row `floor(r * F / S)` (13 MFCC rows -> 224: rows 0..17 show
   coefficient 0, then 17 or 18 rows per coefficient), i.e. nearest-neighbour row repetition;
 - channels: one feature channel is replicated to RGB, three (mfcc-delta) map to R, G, B;
-- `band_norm` (optional): each feature row's mean over the image's columns is subtracted first
-  (per-utterance, cepstral-mean-style normalisation against speaker and channel);
+- `band_norm` (optional): per-utterance normalisation against speaker and channel: each feature row's
+  mean over the image's columns is subtracted first (`mean`, cepstral-mean style), and it is divided by
+  the row's standard deviation (`meanvar`; a constant row becomes 0);
 - scale: each image channel min-max scaled to [0, 1], padding included, as the seed does; a constant
   channel (pure silence) becomes 0, never NaN.
 """
@@ -25,6 +26,7 @@ CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
 PREPROCESS_MODES = ("unit", "caffe")
 FIT_MODES = ("pad", "stretch")
 STORAGE_DTYPES = ("float32", "float16", "uint8")
+BAND_NORMS = ("none", "mean", "meanvar")
 
 
 @dataclass
@@ -82,7 +84,7 @@ def stretch_time(batch: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarr
 
 
 def to_images(batch: np.ndarray, lengths: np.ndarray, size: int = 224, fit: str = "pad",
-              dtype: str = "float32", band_norm: bool = False) -> np.ndarray:
+              dtype: str = "float32", band_norm: str = "none") -> np.ndarray:
     """(N, C, F, T) features, C in {1, 3} -> (N, size, size, 3) images in [0, 1] (NHWC).
 
     Scaling happens on the small (N, C, F', size) array of the rows that appear in the image (row
@@ -93,6 +95,8 @@ def to_images(batch: np.ndarray, lengths: np.ndarray, size: int = 224, fit: str 
         raise ValueError(f"unknown fit {fit!r}: use one of {FIT_MODES}")
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"unknown image dtype {dtype!r}: use one of {STORAGE_DTYPES}")
+    if band_norm not in BAND_NORMS:
+        raise ValueError(f"unknown band_norm {band_norm!r}: use one of {BAND_NORMS}")
     if fit == "stretch":
         batch = stretch_time(batch, lengths, size)
     else:
@@ -101,8 +105,11 @@ def to_images(batch: np.ndarray, lengths: np.ndarray, size: int = 224, fit: str 
             batch = np.pad(batch, [(0, 0)] * 3 + [(0, size - batch.shape[-1])])
     rows, inverse = np.unique(row_index(batch.shape[2], size), return_inverse=True)
     small = batch[:, :, rows, :].astype(np.float32)
-    if band_norm:  # per-utterance mean normalisation: each band's mean over the clip's columns removed
+    if band_norm != "none":  # per-utterance normalisation of each band over the clip's columns
         small = small - small.mean(axis=3, keepdims=True)
+        if band_norm == "meanvar":
+            std = small.std(axis=3, keepdims=True)
+            small = np.where(std > 0, small / np.where(std > 0, std, 1.0), 0.0)
     lo = small.min(axis=(2, 3), keepdims=True)
     span = small.max(axis=(2, 3), keepdims=True) - lo
     small = np.where(span > 0, (small - lo) / np.where(span > 0, span, 1.0), 0.0)
@@ -142,7 +149,7 @@ class ImageSpec:
     size: int = 224
     fit: str = "pad"
     storage: str = "float32"
-    band_norm: bool = False
+    band_norm: str = "none"
     preprocess: str = "unit"
 
     def batch(self, feats: RaggedFeatures, idx) -> np.ndarray:

@@ -77,6 +77,13 @@ class Prepared:
             return "speaker-dependent: the test speakers are also in training"
         return "speaker-independent: no test speaker was trained on"
 
+    def clip_groups(self, ids: np.ndarray) -> list[str] | None:
+        """The group (speaker) of each clip of `ids`, augmentation copies as their source; None when unknown."""
+        if not any(self.groups):
+            return None
+        of_path = dict(zip(self.paths[:self.n_files], self.groups))
+        return [of_path[self.paths[i]] for i in ids]
+
 
 def resolve_data(data: str | None, cache_dir: str | None, log: Callable = print) -> str:
     """--data, else $JAXTL_DATA, else the demo set in the package (300 FSDD clips), else FSDD (downloaded

@@ -59,7 +59,12 @@ def prefix_key(params, k: int, images: ImageSpec, feature_key: str, compute_dtyp
     weights = [np.asarray(leaf) for name in CONV_NAMES[:k] if name in params["base"]  # the convs the pass runs
                for leaf in jax.tree.leaves(params["base"][name])]
     return fingerprint(feature_key, images.size, images.fit, images.preprocess, images.storage, compute_dtype, k,
-                       taps, pooling, *weights, *(["band_norm"] if images.band_norm else []))
+                       taps, pooling, *weights, *_band_norm_key(images.band_norm))
+
+
+def _band_norm_key(band_norm: str) -> list[str]:
+    """What the key holds for a band normalisation (as jaxtl 0.2 wrote `mean`: its caches stay valid)."""
+    return [] if band_norm == "none" else ["band_norm"] if band_norm == "mean" else [f"band_norm={band_norm}"]
 
 
 def cached_prefix(model: Classifier, params, keys: list[str], feats: RaggedFeatures, k: int, images: ImageSpec,

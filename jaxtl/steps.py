@@ -135,14 +135,31 @@ def abstract_state(model: Classifier, image_size: int, split: SplitPoint, optimi
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), jax.eval_shape(build))
 
 
+def mix_rows(x, lam, perm):
+    """Mixup of a batch's inputs (any pytree of row-major arrays): `lam * x + (1 - lam) * x[perm]`."""
+    return jax.tree.map(lambda a: (lam * a.astype(jnp.float32) + (1 - lam) * a[perm].astype(jnp.float32)
+                                   ).astype(a.dtype), x)
+
+
+def mixup_plan(rng, n: int, alpha: float):
+    """(weight ~ Beta(alpha, alpha), partner permutation) of one batch's mixup."""
+    k_lam, k_perm = jax.random.split(rng)
+    return jax.random.beta(k_lam, alpha, alpha), jax.random.permutation(k_perm, n)
+
+
 def forward(params, norm, x, rng, *, model: Classifier, split: SplitPoint, augment: Augment, preprocess: str,
-            train: bool):
-    """Logits from the step's input: the split-point inputs at k (`split.cached`), else [0,1] images."""
+            train: bool, mix=None):
+    """Logits from the step's input: the split-point inputs at k (`split.cached`), else [0,1] images; `mix`
+    (weight, permutation) mixes the inputs, after any in-step augmentation."""
     variables = {"params": params, "norm": norm}
+    if split.cached and mix is not None:
+        x = mix_rows(x, *mix)
     if not split.cached:
         x = imagelib.decode(x)
         if train and augment:
             x = augment(x, jax.random.fold_in(rng, 1))
+        if mix is not None:
+            x = mix_rows(x, *mix)
         x = imagelib.preprocess(x, preprocess)
         if split.k:
             x = jax.lax.stop_gradient(model.apply(variables, x, split.k, method=Classifier.prefix))
@@ -157,15 +174,22 @@ def loss_and_metrics(logits, y, mask):
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), metrics
 
 
-def train_step(state: TrainState, batch, rng, *, model, split: SplitPoint, augment: Augment, preprocess: str, tx):
-    """One update of the trainable partition; frozen convs pass through untouched (and uncopied)."""
+def train_step(state: TrainState, batch, rng, *, model, split: SplitPoint, augment: Augment, preprocess: str, tx,
+               mixup: float = 0.0):
+    """One update of the trainable partition; frozen convs pass through untouched (and uncopied). With
+    `mixup` the loss is the mixed pair's (`lam * CE(y) + (1 - lam) * CE(y[perm])`); metrics stay on `y`."""
     frozen, trainable = split.partition(state.params)
     step_rng = jax.random.fold_in(rng, state.step)
+    mix = mixup_plan(jax.random.fold_in(step_rng, 2), batch["y"].shape[0], mixup) if mixup else None
 
     def loss_fn(tr):
         logits = forward(split.join(frozen, tr), state.norm, batch["x"], step_rng, model=model, split=split,
-                         augment=augment, preprocess=preprocess, train=True)
-        return loss_and_metrics(logits, batch["y"], batch["mask"])
+                         augment=augment, preprocess=preprocess, train=True, mix=mix)
+        loss, metrics = loss_and_metrics(logits, batch["y"], batch["mask"])
+        if mix is not None:
+            lam, perm = mix
+            loss = lam * loss + (1 - lam) * loss_and_metrics(logits, batch["y"][perm], batch["mask"])[0]
+        return loss, metrics
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grads = split.join(jax.tree.map(jnp.zeros_like, frozen), grads)  # set_to_zero never reads these
@@ -214,10 +238,11 @@ class EvalPrograms:
 class TrainPrograms(EvalPrograms):
     """A training stage's jitted programs: its evaluation programs plus the train step (and scanned epoch)."""
 
-    def __init__(self, model: Classifier, split: SplitPoint, preprocess: str, mesh, augment: Augment, tx, rng):
+    def __init__(self, model: Classifier, split: SplitPoint, preprocess: str, mesh, augment: Augment, tx, rng,
+                 mixup: float = 0.0):
         super().__init__(model, split, preprocess, mesh)
         train = functools.partial(train_step, rng=rng, model=model, split=split, augment=augment,
-                                  preprocess=preprocess, tx=tx)
+                                  preprocess=preprocess, tx=tx, mixup=mixup)
         self.train = jax.jit(train)
         self.train_scan = jax.jit(functools.partial(scan_epoch, train, sharding=self.sharding, train=True))
 

@@ -23,6 +23,7 @@ from jaxtl.checkpoint import CheckpointError, Checkpoints
 from jaxtl.config import ConfigError, TrainConfig, config_from_args
 from jaxtl.data import DataError
 from jaxtl.epochs import EpochBar, Plateau, class_logits, mean_loss, run_epoch
+from jaxtl.heads import with_fitted_head
 from jaxtl.pipeline import StepFeed, prepare
 from jaxtl.prefix import advance, cached_prefix, head_input_statistics
 from jaxtl.report import EVALUATION, save_confusion_png, scores, write_report
@@ -156,6 +157,10 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
         if cfg.normalize and stage_index == 0 and resumed is None:
             norm = head_input_statistics(model, params, feed, prep.train, stage.split.k, stage.split.cached, images,
                                          cfg.batch_size, mesh)
+        if cfg.head != "dense" and resumed is None:  # a closed-form head on the cached head inputs (frozen only)
+            params, chosen = with_fitted_head(params, norm, acts["taps"][prep.train], prep.y[prep.train],
+                                              len(prep.classes), cfg.head, prep.clip_groups(prep.train), cfg.seed)
+            log(f"head: {cfg.head} fitted on {len(prep.train)} clips" + (f" ({chosen})" if chosen else ""))
         state = create_train_state(params, norm, tx).replace(step=jnp.asarray(steps_done, jnp.int32))
         best_params = None
         if resumed is not None and stage_index == start_stage:
@@ -167,7 +172,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
                 notice(f"warning: {e}; the best model so far is taken from the resumed state")
         state = replicate(mesh, state)
         best_params = best_params if best_params is not None else state.params
-        programs = TrainPrograms(model, stage.split, cfg.preprocess, mesh, cfg.augment(), tx, rng)
+        programs = TrainPrograms(model, stage.split, cfg.preprocess, mesh, cfg.augment(), tx, rng, cfg.mixup)
         first = start_epoch if (resumed is not None and stage_index == start_stage) else 0
         bar = EpochBar(stage.epochs, first, f"stage {stage_index + 1}/{len(stages)}",
                        cfg.verbose == 1 and main_process)
@@ -175,7 +180,8 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
         for epoch in range(first, stage.epochs if not plateau.stop(cfg.patience) else first):
             desc = f"stage {stage_index + 1} epoch {epoch + 1}/{stage.epochs}"
             state, tr = run_epoch(programs, state, feed, prep.train, cfg.batch_size, mesh,
-                                  [cfg.seed, stage_index, epoch], desc, train=True, progress=cfg.progress)
+                                  [cfg.seed, stage_index, epoch], desc, train=cfg.head == "dense",
+                                  progress=cfg.progress)
             val = None
             if len(prep.val):
                 _, val = run_epoch(programs, state, feed, prep.val, cfg.batch_size, mesh, None, "validation",

@@ -30,6 +30,15 @@ def test_batched_logmel_equals_per_clip_librosa():
         np.testing.assert_allclose(feat[0], ref, rtol=1e-4, atol=1e-3)
 
 
+def test_batched_pcen_equals_per_clip_librosa():
+    cfg = FeatureConfig(representation="pcen", sample_rate=8000, n_fft=512, win_length=256, hop_length=64, fmax=4000)
+    clips = _clips(sr=8000, seed=3)
+    for clip, feat in zip(clips, features_batch(clips, cfg)):
+        mel = librosa.feature.melspectrogram(y=clip, sr=8000, n_fft=512, win_length=256, hop_length=64, fmax=4000)
+        ref = librosa.pcen(mel * 2**31, sr=8000, hop_length=64)
+        np.testing.assert_allclose(feat[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
 def _reference_delta(x, width=9):
     """HTK regression deltas of one clip, edge frames repeated (the per-clip definition)."""
     half, t = width // 2, x.shape[1]

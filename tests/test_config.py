@@ -71,6 +71,14 @@ def test_a_jaxtl_0_1_config_still_loads(cfg):
     assert load_config({**old, "progress": True}, "config.json").verbose == 1
 
 
+def test_a_jaxtl_0_2_band_norm_flag_still_loads(cfg):
+    from jaxtl.config import load_config
+
+    settings = dataclasses.asdict(cfg)
+    assert load_config({**settings, "band_norm": True}, "config.json").band_norm == "mean"
+    assert load_config({**settings, "band_norm": False}, "config.json").band_norm == "none"
+
+
 def test_a_config_from_another_version_is_one_line(cfg, capsys):
     from jaxtl.evaluate import main as evaluate_main
 

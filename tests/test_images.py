@@ -102,11 +102,23 @@ def test_caffe_matches_keras_preprocess_input():
         preprocess(x, "tf")
 
 
-def test_band_norm_removes_each_rows_mean_before_scaling():
+@pytest.mark.parametrize("band_norm", ["mean", "meanvar"])
+def test_band_norm_equals_a_per_clip_reference(band_norm):
+    """Each clip's rows normalised over its own stretched columns, one clip at a time, then the usual image."""
     rng = np.random.default_rng(5)
-    feat = rng.normal(size=(13, 32)).astype(np.float32) + np.arange(13)[:, None] * 10
-    ragged = RaggedFeatures.from_list([feat])
-    batch, lengths = ragged.padded(np.arange(1), 32)
-    out = to_images(batch, lengths, 32, band_norm=True)
-    centred = feat - feat.mean(axis=1, keepdims=True)
-    np.testing.assert_allclose(out[0], reference_image(centred, 32), rtol=1e-5, atol=1e-6)
+    feats = [(rng.normal(size=(13, t)) * rng.uniform(0.5, 20, (13, 1)) + np.arange(13)[:, None] * 10).astype(
+        np.float32) for t in (9, 32, 70)]
+    feats[1][4] = 7.0  # a constant band: 0 after normalisation, never NaN
+    ragged = RaggedFeatures.from_list(feats)
+    batch, lengths = ragged.padded(np.arange(3))
+    out = to_images(batch, lengths, 32, fit="stretch", band_norm=band_norm)
+    assert np.isfinite(out).all()
+    for img, feat in zip(out, feats):
+        s = reference_stretch(feat, 32)
+        s = s - s.mean(axis=1, keepdims=True)
+        if band_norm == "meanvar":
+            std = s.std(axis=1, keepdims=True)
+            s = np.divide(s, std, out=np.zeros_like(s), where=std > 1e-6)
+        img_ref = s[row_index(13, 32)]
+        img_ref = (img_ref - img_ref.min()) / (img_ref.max() - img_ref.min())
+        np.testing.assert_allclose(img[..., 0], img_ref, rtol=1e-4, atol=1e-4)
