@@ -20,7 +20,7 @@ import numpy as np
 from jaxtl.audio import BadAudio, extract, features_batch, long_enough
 from jaxtl.config import TrainConfig
 from jaxtl.images import RaggedFeatures
-from jaxtl.restore import RestoredRun, predict_logits, restore_run
+from jaxtl.restore import RestoredRun, predict_logits, restore_run, softmax
 
 
 @dataclass
@@ -64,9 +64,7 @@ class Run:
                 raise BadAudio(f"clip {i}", f"need a finite 1-D waveform at {self.sample_rate} Hz, got shape {y.shape}")
             y = y[:int(fc.max_seconds * fc.sample_rate)] if fc.max_seconds else y  # as files are read
             feats.append(features_batch([long_enough(y, fc, f"clip {i}")], fc)[0])
-        logits = predict_logits(self.restored, RaggedFeatures.from_list(feats), progress=progress)
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
+        probs = softmax(predict_logits(self.restored, RaggedFeatures.from_list(feats), progress=progress))
         return [self.classes[i] for i in probs.argmax(-1)], probs
 
     def evaluate(self, data: str | os.PathLike | None = None, side: str = "test", progress: bool = False) -> dict:

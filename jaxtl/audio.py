@@ -214,14 +214,16 @@ def features_batch(clips: list[np.ndarray], cfg: FeatureConfig) -> list[np.ndarr
     return [f[..., :n].astype(np.float32) for f, n in zip(feats, lengths)]
 
 
-Perturbation = tuple[float, float]  # (pitch shift in semitones, tempo rate): an offline augmentation copy
+# An offline augmentation copy: (pitch shift in semitones, tempo rate) of its audio, and optionally a third
+# value, the vocal-tract-length warp factor of its mel axis (`warp_bands`).
+Perturbation = tuple[float, ...]
 
 
 def perturb_audio(y: np.ndarray, sample_rate: int, perturbation: Perturbation) -> np.ndarray:
     """A time-stretched, pitch-shifted copy of a clip (librosa's phase vocoder and resampling)."""
     import librosa
 
-    pitch, rate = perturbation
+    pitch, rate = perturbation[:2]
     with warnings.catch_warnings():  # short clips: librosa warns that its 2048-point FFT exceeds them
         warnings.simplefilter("ignore", UserWarning)
         if rate != 1.0:
@@ -229,6 +231,18 @@ def perturb_audio(y: np.ndarray, sample_rate: int, perturbation: Perturbation) -
         if pitch:
             y = librosa.effects.pitch_shift(y, sr=sample_rate, n_steps=pitch)
     return y.astype(np.float32)
+
+
+def warp_bands(feat: np.ndarray, factor: float) -> np.ndarray:
+    """Vocal-tract-length perturbation of (C, F, T) mel-band features: band r shows the spectrum at band
+    `r * factor` (linear interpolation; past the top band, the top band), as a longer or shorter vocal tract
+    moves formants along the frequency axis."""
+    bands = feat.shape[-2]
+    pos = np.minimum(np.arange(bands) * factor, bands - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, bands - 1)
+    frac = (pos - lo)[:, None].astype(feat.dtype)
+    return feat[..., lo, :] * (1 - frac) + feat[..., hi, :] * frac
 
 
 def long_enough(y: np.ndarray, cfg: FeatureConfig, name: str) -> np.ndarray:
@@ -259,7 +273,8 @@ def file_features(paths: list[str], cfg: FeatureConfig, perturb: list[Perturbati
     for start in range(0, len(order), 32):  # similar lengths together: little padding to compute on
         chunk = order[start:start + 32]
         for i, f in zip(chunk, features_batch([clips[i] for i in chunk], cfg)):
-            out[i] = f
+            pert = perturb[i] if perturb else None
+            out[i] = warp_bands(f, pert[2]) if pert is not None and len(pert) > 2 else f
     return out, errors
 
 

@@ -58,7 +58,7 @@ def file_key(path: str, perturbation: Perturbation | None = None) -> str:
     time (and the perturbation of an augmentation copy). ctime cannot be set by `cp -p`, `rsync -a` or
     `touch -r`, so a file rewritten with its old size and mtime still gets a new key."""
     st = os.stat(path)
-    extra = "" if perturbation is None else f"|{perturbation[0]:.6f}|{perturbation[1]:.6f}"
+    extra = "" if perturbation is None else "".join(f"|{v:.6f}" for v in perturbation)
     ident = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}{extra}"
     return hashlib.sha1(ident.encode()).hexdigest()
 

@@ -125,6 +125,10 @@ class TrainConfig:
     augment_copies: int = setting(0, "offline: pitch-shifted, time-stretched copies of each training clip (cached)")
     pitch_shift: float = setting(2.0, "largest pitch shift of a copy, in semitones")
     time_stretch: float = setting(0.1, "largest tempo change of a copy (0.1: rates 0.9 to 1.1)")
+    vtlp: float = setting(0.0, "largest vocal-tract-length warp of a copy's mel axis (0.1: factors 0.9 to 1.1; "
+                               "log-mel and PCEN features)")
+    ensemble: int = setting(1, "train this many members (seeds seed..seed+N-1; a random base's init too) and "
+                               "average their probabilities; evaluate and predict load them as one model")
     # run
     seed: int = setting(42, "seed of splits, init, shuffling and augmentation")
     init_seed: int | None = setting(None, "seed of a random base's init alone (default: --seed)")
@@ -165,6 +169,9 @@ class TrainConfig:
              f"--head {self.head} is a linear head fitted on the frozen base's cached outputs: it needs --mode "
              "frozen, --hidden 0, the prefix cache (--cache-prefix) and no in-step augmentation"),
             (self.mixup >= 0, "--mixup must not be negative"),
+            (self.ensemble >= 1, "--ensemble must be at least 1"),
+            (0 <= self.vtlp < 1 and (not self.vtlp or self.representation in ("logmel", "pcen")),
+             "--vtlp warps mel bands: it needs --representation logmel or pcen and a value in [0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -192,7 +199,7 @@ class TrainConfig:
         return DataSpec(self.features(), self.data, self.layout, self.split, self.val_method, self.test_size,
                         self.test_group, self.holdout_group, self.val_size, self.max_clips, self.train_clips, self.seed,
                         self.split_seed, self.on_bad_file, self.augment_copies, self.pitch_shift, self.time_stretch,
-                        self.cache_dir or None, self.workers, self.progress)
+                        self.vtlp, self.cache_dir or None, self.workers, self.progress)
 
     def features(self) -> FeatureConfig:
         return FeatureConfig(representation=self.representation, sample_rate=self.sample_rate,

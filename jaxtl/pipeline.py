@@ -44,6 +44,7 @@ class DataSpec:
     augment_copies: int = 0
     pitch_shift: float = 2.0
     time_stretch: float = 0.1
+    vtlp: float = 0.0
     cache_dir: str | None = ".jaxtl_cache"
     workers: int | None = None
     progress: bool = True
@@ -125,15 +126,17 @@ def usable_features(paths: list[str], fc: FeatureConfig, cache_dir: str | None, 
     return [feats[i] for i in ok], ok, errors, counts
 
 
-def augmentation_copies(paths: list[str], copies: int, pitch_shift: float, time_stretch: float
+def augmentation_copies(paths: list[str], copies: int, pitch_shift: float, time_stretch: float, vtlp: float = 0.0
                         ) -> list[tuple[int, Perturbation]]:
-    """(source clip, (semitones, tempo rate)) of every offline copy; fixed per file, so the caches reuse them."""
+    """(source clip, (semitones, tempo rate[, mel warp factor])) of every offline copy; fixed per file, so the
+    caches reuse them."""
     out = []
     for i, path in enumerate(paths):
         for j in range(copies):
             rng = np.random.default_rng([j, zlib.crc32(os.path.basename(path).encode())])
-            out.append((i, (float(rng.uniform(-pitch_shift, pitch_shift)),
-                            float(rng.uniform(1 - time_stretch, 1 + time_stretch)))))
+            pert = (float(rng.uniform(-pitch_shift, pitch_shift)),
+                    float(rng.uniform(1 - time_stretch, 1 + time_stretch)))
+            out.append((i, pert + ((float(rng.uniform(1 - vtlp, 1 + vtlp)),) if vtlp else ())))
     return out
 
 
@@ -165,11 +168,12 @@ def prepare(spec: DataSpec, log: Callable = print) -> Prepared:
     n_files = len(paths)
     if spec.augment_copies:
         copies = augmentation_copies([paths[i] for i in train], spec.augment_copies, spec.pitch_shift,
-                                     spec.time_stretch)
+                                     spec.time_stretch, spec.vtlp)
         sources = [int(train[i]) for i, _ in copies]
         extra, _, _, (hits, _) = usable_features([paths[i] for i in sources], spec.features, spec.cache_dir,
                                                  spec.workers, spec.progress, "error", [p for _, p in copies])
-        log(f"augmentation: {len(copies)} pitch/tempo copies of training clips ({hits} from cache)")
+        log(f"augmentation: {len(copies)} pitch/tempo{'/vocal-tract' if spec.vtlp else ''} copies of training clips "
+            f"({hits} from cache)")
         train = np.concatenate([train, len(paths) + np.arange(len(copies))])
         keys += [file_key(paths[i], p) for i, (_, p) in zip(sources, copies)]
         paths, feats, y = paths + [paths[i] for i in sources], feats + extra, np.concatenate([y, y[sources]])

@@ -108,14 +108,22 @@ def blocks_of(run_dir: Path) -> list:
         if hold:
             results.append(f"held-out speaker {hold['group']}: **{100 * hold['accuracy']:.1f} %** on {hold['n']} "
                            "clips (speaker-independent: never trained, validated or tested on)")
-        if summary.get("val_accuracy") is not None:
-            best = summary["best_epoch"]
+        best = summary.get("best_epoch")
+        if summary.get("val_accuracy") is not None and best:
             results.append(f"validation accuracy {100 * summary['val_accuracy']:.1f} % at the kept model (stage "
                            f"{best['stage']} epoch {best['epoch']}, of {summary['epochs_run']} epochs run)")
+        elif summary.get("val_accuracy") is not None:
+            results.append(f"validation accuracy {100 * summary['val_accuracy']:.1f} % (the members' mean probability)")
         times = summary.get("stage_seconds", {})
         blocks += [("h2", "Results"), ("list", results), ("h2", "Time per stage (seconds)"),
                    ("table", [*times, "total"], [[f"{v:.1f}" for v in times.values()]
                                                  + [f"{summary['wall_seconds']:.1f}"]])]
+    if summary.get("members"):
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+        blocks += [("h2", f"Ensemble of {len(summary['members'])} members (each a run of its own)"),
+                   ("table", ["member", "seed", "validation", "test", "held-out speaker", "run"],
+                    [[str(i + 1), str(m["seed"]), pct(m["val_accuracy"]), pct(m["test_accuracy"]),
+                      pct(m["holdout_accuracy"]), m["out"]] for i, m in enumerate(summary["members"])])]
     if (run_dir / "curves.png").is_file():
         blocks += [("h2", "Training curves"), ("img", "curves.png", "training curves")]
     for side, title in (("test", "Test set"), ("holdout", "Held-out speaker")):

@@ -22,6 +22,7 @@ from jaxtl.cache import fingerprint
 from jaxtl.checkpoint import CheckpointError, Checkpoints
 from jaxtl.config import ConfigError, TrainConfig, config_from_args
 from jaxtl.data import DataError
+from jaxtl.ensemble import train_ensemble
 from jaxtl.epochs import EpochBar, Plateau, class_logits, mean_loss, run_epoch
 from jaxtl.heads import with_fitted_head
 from jaxtl.pipeline import StepFeed, prepare
@@ -78,6 +79,8 @@ def resolve_run_weights(mode: str, weights: str | None, log: Callable) -> tuple[
 
 def run(cfg: TrainConfig, log: Callable = print) -> dict:
     """Train as `cfg` says; returns the summary (also written to OUT/summary.json)."""
+    if cfg.validate().ensemble > 1:  # members are runs of their own (jaxtl.ensemble)
+        return train_ensemble(cfg, run, log)
     # ---------------------------------------------------------------- setup: run directory, weights, mesh
     t_start = time.perf_counter()
     main_process = is_main_process()

@@ -149,6 +149,18 @@ def test_extract_in_processes_matches_in_process(tmp_path):
     assert [e.path for e in e1] == [e.path for e in e2] == [paths[-1]]
 
 
+def test_vtlp_warp_equals_a_per_band_reference():
+    from jaxtl.audio import warp_bands
+
+    feat = np.random.default_rng(7).normal(size=(1, 40, 9)).astype(np.float32)
+    assert np.array_equal(warp_bands(feat, 1.0), feat)
+    for factor in (0.9, 1.13):
+        warped = warp_bands(feat, factor)
+        for r in range(40):  # band r shows band r * factor, interpolated; the top band past the top
+            ref = np.array([np.interp(min(r * factor, 39), np.arange(40), feat[0, :, t]) for t in range(9)])
+            np.testing.assert_allclose(warped[0, r], ref, rtol=1e-5, atol=1e-6)
+
+
 def test_perturbed_copy_changes_tempo_and_pitch():
     from jaxtl.audio import perturb_audio
 

@@ -22,6 +22,16 @@ def test_augmentation_copies_extend_only_the_training_split(cfg):
     assert not np.array_equal(aug.feats.clip(first_copy), plain.feats.clip(source))
 
 
+def test_vtlp_copies_warp_the_mel_axis_of_the_pitch_tempo_copies(cfg):
+    base = dataclasses.replace(cfg, representation="logmel", augment_copies=1, time_stretch=0.0, pitch_shift=0.0)
+    plain = prepare(base.data_spec(), log=quiet)
+    warped = prepare(dataclasses.replace(base, vtlp=0.2).data_spec(), log=quiet)
+    copy, source = plain.n_files, plain.train[0]
+    assert warped.keys[copy] != plain.keys[copy]  # the warp is part of a copy's identity (and cache key)
+    np.testing.assert_allclose(plain.feats.clip(copy), plain.feats.clip(source), atol=1e-4)  # no warp: the clip
+    assert not np.allclose(warped.feats.clip(copy), plain.feats.clip(source), atol=1e-2)
+
+
 def test_batches_cover_every_clip_once_and_mask_the_padding():
     seen = []
     for idx, mask in batches(45, 16, 4, np.random.default_rng(0)):
