@@ -132,6 +132,8 @@ class TrainConfig:
     # run
     seed: int = setting(42, "seed of splits, init, shuffling and augmentation")
     init_seed: int | None = setting(None, "seed of a random base's init alone (default: --seed)")
+    train_seed: int | None = setting(None, "seed of the head's init, batch order and augmentation alone, not of the "
+                                           "splits (default: --seed)")
     out: str | None = setting(None, "run directory (default: a new runs/RECIPE-YYYYmmdd-HHMMSS)")
     resume: bool = setting(False, "continue the run in --out from its latest checkpoint")
     cache_dir: str | None = setting(".jaxtl_cache", "feature cache directory ('' to disable)")
@@ -184,6 +186,10 @@ class TrainConfig:
         if recipe not in RECIPES:
             raise ConfigError(f"--recipe {recipe!r}: use one of {tuple(RECIPES)}")
         return cls(**{**RECIPES[recipe], "recipe": recipe, **overrides})
+
+    @property
+    def training_seed(self) -> int:
+        return self.seed if self.train_seed is None else self.train_seed
 
     @property
     def progress(self) -> bool:

@@ -1,8 +1,8 @@
 """Ensembles (`--ensemble N`): N members trained as ordinary runs in RUN/members/I, averaged in probability.
 
-Members share the run's splits (one split seed) and differ in their seed: the head's init and the order
-of its batches, and with a random base the base's init too (`init_seed + i`: each member then sees
-different frozen features, the diversity a linear head on one base lacks). The run directory holds every
+Members share the run's splits (its `seed`) and differ in their training seed (`train_seed + i`: the
+head's init, the order of its batches) and, with a random base, in the base's init (`init_seed + i`:
+each member then sees different frozen features, the diversity a linear head on one base lacks). The run directory holds every
 member's checkpoints; `jaxtl.restore.restore_run` loads them as one model (logits: the log of the members'
 mean probability), so evaluate and predict need nothing else. An interrupted ensemble resumes member by
 member: finished members are kept, the one that was running resumes from its checkpoint.
@@ -29,9 +29,9 @@ from jaxtl.rundir import SPLIT_RECORD, new_run_dir, write_json
 
 
 def member_config(cfg: TrainConfig, i: int) -> TrainConfig:
-    """Member i's settings: the run's, with seed + i (and a random base's init seed + i), the run's splits."""
+    """Member i's settings: the run's, its splits included, with training and random-init seeds + i."""
     return dataclasses.replace(
-        cfg, ensemble=1, seed=cfg.seed + i, split_seed=cfg.seed if cfg.split_seed is None else cfg.split_seed,
+        cfg, ensemble=1, train_seed=cfg.training_seed + i,
         init_seed=(cfg.seed if cfg.init_seed is None else cfg.init_seed) + i, out=str(Path(cfg.out) / MEMBERS / str(i)),
         resume=(Path(cfg.out) / MEMBERS / str(i) / "config.json").is_file())
 
@@ -57,7 +57,8 @@ def train_ensemble(cfg: TrainConfig, run_member: Callable[[TrainConfig, Callable
             log(f"ensemble member {i + 1}/{cfg.ensemble}: finished before ({member.out})")
             members.append(json.loads(done.read_text()))
             continue
-        log(f"ensemble member {i + 1}/{cfg.ensemble}: seed {member.seed}" + (", resumed" if member.resume else ""))
+        log(f"ensemble member {i + 1}/{cfg.ensemble}: training seed {member.train_seed}"
+            + (", resumed" if member.resume else ""))
         members.append(run_member(member, log))
     t_members, t = time.perf_counter() - t_start, time.perf_counter()
     shutil.copy(Path(members[0]["out"]) / SPLIT_RECORD, out / SPLIT_RECORD)
@@ -78,7 +79,7 @@ def train_ensemble(cfg: TrainConfig, run_member: Callable[[TrainConfig, Callable
         "holdout": {**first["holdout"], "accuracy": holdout["accuracy"]} if holdout else None,
         "val_accuracy": val["accuracy"] if val else None, "val_loss": val["loss"] if val else None,
         "best_epoch": None, "ensemble": cfg.ensemble,
-        "members": [{"out": m["out"], "seed": cfg.seed + i, "val_accuracy": m["val_accuracy"],
+        "members": [{"out": m["out"], "seed": cfg.training_seed + i, "val_accuracy": m["val_accuracy"],
                      "test_accuracy": m["test_accuracy"],
                      "holdout_accuracy": m["holdout"]["accuracy"] if m.get("holdout") else None}
                     for i, m in enumerate(members)],

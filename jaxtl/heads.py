@@ -3,8 +3,8 @@
 Each is a linear map of the (standardised) head input, so it lands in the model's own `Dense(classes)`
 (`hidden=0`) and checkpoints, evaluate and predict treat it like a trained head:
 
-- `logreg`: multinomial logistic regression, its L2 strength chosen by inner cross-validation over the
-  training clips (folds by speaker when the training clips hold 3 or more, else stratified);
+- `logreg`: multinomial logistic regression, its L2 strength chosen by inner cross-validation (log loss)
+  over the training clips (folds by speaker when the training clips hold 3 or more, else stratified);
 - `lda`: linear discriminant analysis with Ledoit-Wolf shrinkage of the shared covariance;
 - `ncm`: nearest class mean, as logits `x . mu_c - |mu_c|^2 / 2` (the negative half squared distance up
   to a term equal for every class).
@@ -55,8 +55,9 @@ def fit_linear_head(kind: str, x: np.ndarray, y: np.ndarray, n_classes: int, gro
                 fitted = LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
                 note = "C=1 (too few clips per class for inner cross-validation)"
             else:
-                fitted = LogisticRegressionCV(Cs=list(LOGREG_CS), cv=folds, max_iter=2000).fit(x, y)
-                note = f"C={float(fitted.C_[0]):.3g} by {len(folds)}-fold inner cross-validation"
+                fitted = LogisticRegressionCV(Cs=list(LOGREG_CS), cv=folds, scoring="neg_log_loss",
+                                              max_iter=2000).fit(x, y)
+                note = f"C={float(np.ravel(fitted.C_)[0]):.3g} by {len(folds)}-fold inner cross-validation"
             coef, intercept = fitted.coef_, fitted.intercept_
         elif kind == "lda":
             fitted = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x, y)

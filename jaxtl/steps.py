@@ -174,6 +174,15 @@ def loss_and_metrics(logits, y, mask):
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0), metrics
 
 
+def mixed_loss(logits, y, mask, mix=None):
+    """`loss_and_metrics`, the loss of a mixup batch being `lam * CE(y) + (1 - lam) * CE(y[perm])`."""
+    loss, metrics = loss_and_metrics(logits, y, mask)
+    if mix is not None:
+        lam, perm = mix
+        loss = lam * loss + (1 - lam) * loss_and_metrics(logits, y[perm], mask)[0]
+    return loss, metrics
+
+
 def train_step(state: TrainState, batch, rng, *, model, split: SplitPoint, augment: Augment, preprocess: str, tx,
                mixup: float = 0.0):
     """One update of the trainable partition; frozen convs pass through untouched (and uncopied). With
@@ -185,11 +194,7 @@ def train_step(state: TrainState, batch, rng, *, model, split: SplitPoint, augme
     def loss_fn(tr):
         logits = forward(split.join(frozen, tr), state.norm, batch["x"], step_rng, model=model, split=split,
                          augment=augment, preprocess=preprocess, train=True, mix=mix)
-        loss, metrics = loss_and_metrics(logits, batch["y"], batch["mask"])
-        if mix is not None:
-            lam, perm = mix
-            loss = lam * loss + (1 - lam) * loss_and_metrics(logits, batch["y"][perm], batch["mask"])[0]
-        return loss, metrics
+        return mixed_loss(logits, batch["y"], batch["mask"], mix)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grads = split.join(jax.tree.map(jnp.zeros_like, frozen), grads)  # set_to_zero never reads these

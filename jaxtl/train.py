@@ -113,7 +113,8 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     # ---------------------------------------------------------------- model, checkpoints and resume
     t = time.perf_counter()
     model = cfg.model(len(prep.classes))
-    params, norm = init_params(model, cfg.image_size, cfg.seed, base_vars, cfg.init_seed)
+    params, norm = init_params(model, cfg.image_size, cfg.training_seed, base_vars,
+                               cfg.seed if cfg.init_seed is None else cfg.init_seed)
     stages, prefix_split = cfg.stages(), cfg.always_frozen()  # the convs no stage trains: cached, saved once
     images = cfg.image_spec()
     ckpt = Checkpoints(out / "checkpoints", cfg.keep_checkpoints, prefix_split)
@@ -150,7 +151,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
         return StepFeed(prep, images, at_k)
 
     # ---------------------------------------------------------------- stages and epochs
-    rng = jax.random.PRNGKey(cfg.seed)
+    rng = jax.random.PRNGKey(cfg.training_seed)
     state, steps_done, t = None, 0, time.perf_counter()
     for stage_index, stage in enumerate(stages):
         if stage_index < start_stage:
@@ -162,7 +163,8 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
                                          cfg.batch_size, mesh)
         if cfg.head != "dense" and resumed is None:  # a closed-form head on the cached head inputs (frozen only)
             params, chosen = with_fitted_head(params, norm, acts["taps"][prep.train], prep.y[prep.train],
-                                              len(prep.classes), cfg.head, prep.clip_groups(prep.train), cfg.seed)
+                                              len(prep.classes), cfg.head, prep.clip_groups(prep.train),
+                                              cfg.training_seed)
             log(f"head: {cfg.head} fitted on {len(prep.train)} clips" + (f" ({chosen})" if chosen else ""))
         state = create_train_state(params, norm, tx).replace(step=jnp.asarray(steps_done, jnp.int32))
         best_params = None
@@ -183,7 +185,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
         for epoch in range(first, stage.epochs if not plateau.stop(cfg.patience) else first):
             desc = f"stage {stage_index + 1} epoch {epoch + 1}/{stage.epochs}"
             state, tr = run_epoch(programs, state, feed, prep.train, cfg.batch_size, mesh,
-                                  [cfg.seed, stage_index, epoch], desc, train=cfg.head == "dense",
+                                  [cfg.training_seed, stage_index, epoch], desc, train=cfg.head == "dense",
                                   progress=cfg.progress)
             val = None
             if len(prep.val):

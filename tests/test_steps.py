@@ -91,3 +91,26 @@ def test_params_hold_the_convs_the_model_runs_from_a_full_weight_file():
     params, _ = init_params(Classifier(3, hidden=0, pooling="avg", taps=(3, 4)), 32, 0, full)
     assert list(params["base"]) == list(CONV_NAMES[:10])
     np.testing.assert_array_equal(params["base"]["block4_conv3"]["kernel"], full["params"]["block4_conv3"]["kernel"])
+
+
+def test_mixup_mixes_the_steps_inputs_and_its_loss_is_the_soft_label_cross_entropy(cfg):
+    from jaxtl.steps import forward, mixed_loss, mixup_plan
+
+    lam, perm = mixup_plan(jax.random.PRNGKey(5), 4, 0.4)
+    assert 0 < float(lam) < 1 and sorted(np.asarray(perm).tolist()) == [0, 1, 2, 3]
+    model = cfg.model(3)
+    params, norm = init_params(model, 32, cfg.seed)
+    images = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
+    for split, x in ((SplitPoint(13, True), model.apply({"params": params}, images, 13, method=Classifier.prefix)),
+                     (SplitPoint(13, False), images)):
+        mixed = jax.tree.map(lambda a: lam * a + (1 - lam) * a[perm], x)  # by hand, before the model
+        want = forward(params, norm, mixed, None, model=model, split=split, augment=Augment(), preprocess="unit",
+                       train=False)
+        got = forward(params, norm, x, None, model=model, split=split, augment=Augment(), preprocess="unit",
+                      train=False, mix=(lam, perm))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    logits = jax.random.normal(jax.random.PRNGKey(2), (4, 3))
+    y, mask = jnp.array([0, 1, 2, 1]), jnp.array([1.0, 1.0, 1.0, 0.0])
+    soft = lam * jax.nn.one_hot(y, 3) + (1 - lam) * jax.nn.one_hot(y[perm], 3)
+    want = -(soft * jax.nn.log_softmax(logits)).sum(-1)
+    np.testing.assert_allclose(mixed_loss(logits, y, mask, (lam, perm))[0], (want * mask).sum() / 3, rtol=1e-5)
