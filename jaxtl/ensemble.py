@@ -3,9 +3,10 @@
 Members share the run's splits (its `seed`) and differ in their training seed (`train_seed + i`: the
 head's init, the order of its batches) and, with a random base, in the base's init (`init_seed + i`:
 each member then sees different frozen features, the diversity a linear head on one base lacks).
-The run directory holds every member's checkpoints; `jaxtl.restore.restore_run` loads them as one model The run directory holds every
-(logits: the log of the members' mean probability), so evaluate and predict need nothing else. An interrupted ensemble resumes member by
-member: finished members are kept, the one that was running resumes from its checkpoint.
+The run directory holds every member's checkpoints; `jaxtl.restore.restore_run` loads them as one
+model (logits: the log of the members' mean probability), so evaluate and predict need nothing else.
+An interrupted ensemble resumes member by member: finished members are kept, the one that was running
+resumes from its checkpoint.
 """
 
 from __future__ import annotations
