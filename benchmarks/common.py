@@ -70,6 +70,8 @@ CONFIGS = {
     "jaxtl+logreg": {**JAXTL, "head": "logreg"},
     "jaxtl+lda": {**JAXTL, "head": "lda"},
     "jaxtl+ncm": {**JAXTL, "head": "ncm"},
+    "jaxtl+vtlp2": {**JAXTL, "augment_copies": 2, "pitch_shift": 0.0, "time_stretch": 0.0, "vtlp": 0.15},
+    "jaxtl+ens5": {**JAXTL, "ensemble": 5},
     "seed+zscore": {"normalize": True},
     "seed+zscore+40ep": {"normalize": True, "epochs": 40, "patience": 6},
     "mfcc-stretch+zscore": {"normalize": True, "fit": "stretch"},

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtl import images as imagelib
 from jaxtl.audio import REPRESENTATIONS, FeatureConfig
@@ -28,7 +29,7 @@ from jaxtl.prefix import prefix_key
 from jaxtl.split import SplitPoint
 from jaxtl.steps import Augment, Optimizer, abstract_state
 
-MODES = ("frozen", "finetune", "progressive", "scratch")
+MODES = ("frozen", "finetune", "progressive", "scratch", "auto")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -92,7 +93,9 @@ class TrainConfig:
     # model
     weights: str | None = setting(None, "imagenet | a weight file | random (default: imagenet when found, "
                                    "else random init, announced)")
-    mode: str = setting("frozen", "what trains", choices=MODES)
+    mode: str = setting("frozen", "what trains; auto: the mode and head measured best for the number of training "
+                                  "clips per class (benchmarks/data_size.py, README), printed with the reason",
+                        choices=MODES)
     finetune_convs: int = setting(3, "conv layers unfrozen by finetune/progressive, counted back from the last "
                                      "block the head reads (3: that whole block)")
     head: str = setting("dense", "the classifier on the frozen base: trained by gradient steps (dense), or fitted in "
@@ -166,12 +169,12 @@ class TrainConfig:
             (self.lr > 0 and self.base_lr > 0, "learning rates must be positive"),
             (not (self.mode == "scratch" and self.weights not in (None, "random")),
              "--mode scratch trains from random init; drop --weights"),
-            (self.head == "dense" or (self.mode == "frozen" and self.hidden == 0 and self.cache_prefix
-                                      and not self.augment()),
+            (self.head == "dense" or self.closed_form_head_fits(),
              f"--head {self.head} is a linear head fitted on the frozen base's cached outputs: it needs --mode "
              "frozen, --hidden 0, the prefix cache (--cache-prefix) and no in-step augmentation"),
             (self.mixup >= 0, "--mixup must not be negative"),
             (self.ensemble >= 1, "--ensemble must be at least 1"),
+            (self.mode != "auto" or self.head == "dense", "--mode auto picks the head too; drop --head"),
             (0 <= self.vtlp < 1 and (not self.vtlp or self.representation in ("logmel", "pcen")),
              "--vtlp warps mel bands: it needs --representation logmel or pcen and a value in [0, 1)"),
         ]
@@ -186,6 +189,23 @@ class TrainConfig:
         if recipe not in RECIPES:
             raise ConfigError(f"--recipe {recipe!r}: use one of {tuple(RECIPES)}")
         return cls(**{**RECIPES[recipe], "recipe": recipe, **overrides})
+
+    def closed_form_head_fits(self) -> bool:
+        """Whether a closed-form head can replace the trained one: a linear head on cached head inputs."""
+        return self.mode in ("frozen", "auto") and self.hidden == 0 and self.cache_prefix and not self.augment()
+
+    def resolve_auto(self, n_clips: int, n_classes: int) -> tuple[TrainConfig, str]:
+        """(these settings with `--mode auto` replaced by the AUTO row measured nearest to `n_clips` training
+        clips per class, on a log scale; the reason, to print)."""
+        per_class = n_clips / max(n_classes, 1)
+        rows = [r for r in AUTO if r[1] != "scratch" or self.weights in (None, "random")]  # a given file is used
+        measured, mode, head = min(rows, key=lambda r: abs(np.log(max(per_class, 1) / r[0])))
+        if mode == "frozen" and not self.closed_form_head_fits():
+            head = "dense"
+        reason = (f"{n_clips} training clips, {n_classes} classes ({per_class:.0f} a class): --mode {mode} --head "
+                  f"{head}, the best on validation data at the nearest measured size, {measured:g} clips a class "
+                  "(benchmarks/data_size.py)")
+        return dataclasses.replace(self, mode=mode, head=head), reason
 
     @property
     def training_seed(self) -> int:
@@ -233,7 +253,9 @@ class TrainConfig:
         plan = {"frozen": [(N_CONV, self.epochs, self.base_lr)],
                 "finetune": [(k_tune, self.epochs, self.base_lr)],
                 "progressive": [(N_CONV, self.epochs, self.base_lr), (k_tune, self.finetune_epochs, self.base_lr)],
-                "scratch": [(0, self.epochs, self.lr)]}[self.mode]
+                "scratch": [(0, self.epochs, self.lr)]}.get(self.mode)
+        if plan is None:
+            raise ConfigError("--mode auto picks its mode once the data is known (jaxtl.train.run)")
         cached = self.cache_prefix and not self.augment() and min(k for k, _, _ in plan) > 0
         if self.head != "dense":  # fitted once, then scored like one epoch
             plan = [(k, 1, base_lr) for k, _, base_lr in plan]

@@ -81,7 +81,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     """Train as `cfg` says; returns the summary (also written to OUT/summary.json)."""
     if cfg.validate().ensemble > 1:  # members are runs of their own (jaxtl.ensemble)
         return train_ensemble(cfg, run, log)
-    # ---------------------------------------------------------------- setup: run directory, weights, mesh
+    # ---------------------------------------------------------------- setup: run directory, mesh
     t_start = time.perf_counter()
     main_process = is_main_process()
     notice = log if main_process else (lambda *_: None)  # the closing line, resumes, fallbacks: every verbosity
@@ -93,8 +93,6 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", dataclasses.asdict(cfg))
-    base_vars, weights_source, weights_digest = resolve_run_weights(cfg.mode, cfg.weights, notice)
-    log(f"weights: {weights_source} (digest {weights_digest})")
     mesh = make_mesh()
 
     # ---------------------------------------------------------------- data: files -> features -> splits
@@ -109,9 +107,16 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
         write_json(out / "split.json", record)
         if prep.skipped:
             write_skipped(out, prep.skipped)
+    if cfg.mode == "auto":  # the mode and head measured best for this much data (jaxtl.config.AUTO)
+        cfg, why = cfg.resolve_auto(int(np.sum(prep.train < prep.n_files)) + len(prep.val), len(prep.classes))
+        notice(f"--mode auto: {why}")
+        if main_process:
+            write_json(out / "config.json", dataclasses.asdict(cfg))
 
-    # ---------------------------------------------------------------- model, checkpoints and resume
+    # ---------------------------------------------------------------- weights, model, checkpoints and resume
     t = time.perf_counter()
+    base_vars, weights_source, weights_digest = resolve_run_weights(cfg.mode, cfg.weights, notice)
+    log(f"weights: {weights_source} (digest {weights_digest})")
     model = cfg.model(len(prep.classes))
     params, norm = init_params(model, cfg.image_size, cfg.training_seed, base_vars,
                                cfg.seed if cfg.init_seed is None else cfg.init_seed)

@@ -95,3 +95,30 @@ def test_fine_tuning_unfreezes_the_last_convs_the_head_reads(taps, finetune_conv
     for mode, ks in (("finetune", [k]), ("progressive", [13, k])):
         cfg = TrainConfig(taps=taps, mode=mode, finetune_convs=finetune_convs).validate()
         assert [s.split.k for s in cfg.stages()] == ks
+
+
+def test_mode_auto_picks_the_row_measured_nearest_to_the_clips_per_class():
+    from jaxtl.config import AUTO
+
+    assert len({(mode, head) for _, mode, head in AUTO}) >= 2  # else the lookup below could not fail
+    cfg = TrainConfig.from_recipe("jaxtl", mode="auto").validate()
+    for measured, mode, head in AUTO:
+        chosen, why = cfg.resolve_auto(int(measured * 10), 10)
+        assert (chosen.mode, chosen.head) == (mode, head) and f"{measured:g} clips a class" in why
+    for (low, *lower), (high, *upper) in zip(AUTO, AUTO[1:]):  # nearest on a log scale: the geometric midpoint
+        middle = (low * high) ** 0.5
+        assert [*map(cfg.resolve_auto(int(middle * 0.9 * 10), 10)[0].__getattribute__, ("mode", "head"))] == lower
+        assert [*map(cfg.resolve_auto(int(middle * 1.1 * 10) + 1, 10)[0].__getattribute__, ("mode", "head"))] == upper
+    seed_like = TrainConfig.from_recipe("jaxtl", mode="auto", hidden=256)  # no closed-form head on an MLP head
+    assert seed_like.resolve_auto(int(AUTO[0][0] * 10), 10)[0].head == "dense"
+
+
+def test_mode_auto_trains_the_chosen_mode_and_saves_it(cfg, capsys):
+    from jaxtl.train import run
+
+    lines = []
+    run(dataclasses.replace(cfg, mode="auto", hidden=0), log=lines.append)
+    saved = json.loads(Path(cfg.out, "config.json").read_text())
+    expected, _ = dataclasses.replace(cfg, mode="auto", hidden=0).resolve_auto(32, 4)  # 40 clips, 8 for test
+    assert (saved["mode"], saved["head"]) == (expected.mode, expected.head)
+    assert any(line.startswith("--mode auto: 32 training clips, 4 classes") for line in lines)
