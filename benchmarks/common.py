@@ -55,8 +55,9 @@ _FEATURES = ("representation", "sample_rate", "n_fft", "win_length", "hop_length
 LOGMEL_8K = {k: v for k, v in RECIPES["jaxtl"].items() if k in _FEATURES}
 # "taps345": the head of the recipe before the image-size study chose taps 3,4 (kept, so old results reproduce)
 LINEAR_TAPS = {**{k: v for k, v in RECIPES["jaxtl"].items() if k not in (*_FEATURES, "image_dtype", "image_size")},
-               "taps": "3,4,5"}
-JAXTL = {k: v for k, v in RECIPES["jaxtl"].items() if k not in ("image_dtype", "image_size")}  # today's recipe
+               "taps": "3,4,5", "mode": "frozen"}
+# today's recipe, frozen with a trained head (what the `jaxtl…` rows measured; `--mode auto` picks the head)
+JAXTL = {**{k: v for k, v in RECIPES["jaxtl"].items() if k not in ("image_dtype", "image_size")}, "mode": "frozen"}
 
 CONFIGS = {
     "seed": SEED_RECIPE,
@@ -72,6 +73,14 @@ CONFIGS = {
     "jaxtl+ncm": {**JAXTL, "head": "ncm"},
     "jaxtl+vtlp2": {**JAXTL, "augment_copies": 2, "pitch_shift": 0.0, "time_stretch": 0.0, "vtlp": 0.15},
     "jaxtl+ens5": {**JAXTL, "ensemble": 5},
+    # the best head on validation (lda) with the other levers
+    "jaxtl+lda+pcen": {**JAXTL, "head": "lda", "representation": "pcen"},
+    "jaxtl+lda+taps23": {**JAXTL, "head": "lda", "taps": "2,3"},
+    "jaxtl+lda+taps234": {**JAXTL, "head": "lda", "taps": "2,3,4"},
+    "jaxtl+lda+vtlp2": {**JAXTL, "head": "lda", "augment_copies": 2, "pitch_shift": 0.0, "time_stretch": 0.0,
+                        "vtlp": 0.15},
+    "jaxtl+lda+aug2": {**JAXTL, "head": "lda", "augment_copies": 2},
+    "jaxtl+lda+ens5": {**JAXTL, "head": "lda", "ensemble": 5},
     "seed+zscore": {"normalize": True},
     "seed+zscore+40ep": {"normalize": True, "epochs": 40, "patience": 6},
     "mfcc-stretch+zscore": {"normalize": True, "fit": "stretch"},

@@ -289,18 +289,29 @@ class Stage:
     optimizer: Optimizer
 
 
+# `--mode auto`: (training clips per class measured, mode, head), from `python benchmarks/data_size.py`
+# (benchmarks/results/data_size-jaxtl-cpu2.md; FSDD, 10 classes, 64x64, 3 seeds): the mode and head with the best
+# validation accuracy at each size with the pretrained (HED) base, the same choice as with a random one. A run
+# takes the row measured nearest to its clips per class (log scale); past 200 a class nothing was measured
+# and the last row holds. Fine-tuning (block 4) and scratch were measured at 5 and 10 clips a class only.
+AUTO: tuple[tuple[float, str, str], ...] = (
+    (5, "frozen", "lda"), (10, "frozen", "lda"), (50, "frozen", "lda"), (100, "frozen", "lda"), (200, "frozen", "lda"),
+)
+
 # Settings that differ from the seed recipe's, with the evidence in benchmarks/results (README, "Transfer
 # quality" and "The cheapest image"): standardised avg+max-pooled features of blocks 3 and 4 (block 5 added
 # nothing on validation) into a linear head with early stopping, and log-mel images of the audio's own band,
 # stretched to the width, with VGG16's own preprocessing, at 64x64: the cheapest size within noise of the
-# best on validation data (benchmarks/image_size.py), a VGG16 pass 12x cheaper than 224x224's.
+# best on validation data (benchmarks/image_size.py), a VGG16 pass 12x cheaper than 224x224's. `--mode auto`:
+# the mode and head of AUTO (today: frozen, shrinkage LDA at every measured size, also the best head for new
+# speakers: README, "New speakers").
 RECIPES: dict[str, dict] = {
     "seed": {},
     "jaxtl": {
         "image_size": 64, "representation": "logmel", "sample_rate": 8000, "n_fft": 512, "win_length": 256,
         "hop_length": 64, "n_mels": 128, "fmax": 4000.0, "fit": "stretch", "preprocess": "caffe",
         "image_dtype": "uint8", "taps": "3,4", "pooling": "avgmax", "normalize": True, "hidden": 0,
-        "weight_decay": 1e-4, "epochs": 100, "patience": 10, "plateau_patience": 4,
+        "weight_decay": 1e-4, "epochs": 100, "patience": 10, "plateau_patience": 4, "mode": "auto",
     },
 }
 

@@ -86,6 +86,16 @@ def process_0_decides(flag: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
 
 
+def process_0s(tree):
+    """Process 0's values of a pytree of host arrays, in every process: what each process computed on its own
+    (a closed-form head fitted by BLAS, whose last bits can differ between hosts) before it is replicated."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
 def global_batch(mesh: Mesh, local):
     """This process's rows of a batch (a pytree of arrays) -> arrays sharded over the mesh's `data` axis."""
     sharding = batch_sharding(mesh)

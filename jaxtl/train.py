@@ -47,6 +47,7 @@ from jaxtl.sharding import (
     is_main_process,
     make_mesh,
     process_0_decides,
+    process_0s,
     replicate,
 )
 from jaxtl.steps import EvalPrograms, TrainPrograms, create_train_state, init_params, use_compile_cache
@@ -109,7 +110,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
             write_skipped(out, prep.skipped)
     if cfg.mode == "auto":  # the mode and head measured best for this much data (jaxtl.config.AUTO)
         cfg, why = cfg.resolve_auto(int(np.sum(prep.train < prep.n_files)) + len(prep.val), len(prep.classes))
-        notice(f"--mode auto: {why}")
+        log(f"--mode auto: {why}")
         if main_process:
             write_json(out / "config.json", dataclasses.asdict(cfg))
 
@@ -170,6 +171,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
             params, chosen = with_fitted_head(params, norm, acts["taps"][prep.train], prep.y[prep.train],
                                               len(prep.classes), cfg.head, prep.clip_groups(prep.train),
                                               cfg.training_seed)
+            params = {**params, "head": process_0s(params["head"])}
             log(f"head: {cfg.head} fitted on {len(prep.train)} clips" + (f" ({chosen})" if chosen else ""))
         state = create_train_state(params, norm, tx).replace(step=jnp.asarray(steps_done, jnp.int32))
         best_params = None

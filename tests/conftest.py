@@ -49,6 +49,18 @@ def write_tone(path, seconds=0.5, sr=8000, freq=440.0, channels=1, subtype="PCM_
     return Path(path)
 
 
+def weights_file(path) -> Path:
+    """A VGG16 weight file (.npz) of a random init that no run's own seed gives."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxtl.model import VGG16Base
+    from jaxtl.weights import save_npz
+
+    save_npz(VGG16Base().init(jax.random.PRNGKey(7), jnp.zeros((1, 32, 32, 3))), path)
+    return Path(path)
+
+
 def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))

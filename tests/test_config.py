@@ -97,27 +97,45 @@ def test_fine_tuning_unfreezes_the_last_convs_the_head_reads(taps, finetune_conv
         assert [s.split.k for s in cfg.stages()] == ks
 
 
-def test_mode_auto_picks_the_row_measured_nearest_to_the_clips_per_class():
+def test_mode_auto_picks_the_row_measured_nearest_to_the_clips_per_class(monkeypatch):
+    import jaxtl.config
+
+    table = ((5, "frozen", "lda"), (50, "finetune", "dense"), (500, "scratch", "dense"))
+    monkeypatch.setattr(jaxtl.config, "AUTO", table)
+    cfg = TrainConfig.from_recipe("jaxtl", mode="auto", weights="random").validate()
+
+    def choice(clips, c=cfg):
+        chosen = c.resolve_auto(clips, 10)[0]
+        return chosen.mode, chosen.head
+
+    for measured, mode, head in table:
+        assert choice(int(measured * 10)) == (mode, head)
+        assert f"{measured:g} clips a class" in cfg.resolve_auto(int(measured * 10), 10)[1]
+    for (low, *lower), (high, *upper) in zip(table, table[1:]):  # nearest on a log scale: the geometric midpoint
+        middle = (low * high) ** 0.5 * 10
+        assert choice(int(middle * 0.9)) == tuple(lower) and choice(int(middle * 1.1) + 1) == tuple(upper)
+    given = dataclasses.replace(cfg, weights="weights.h5")  # a given weight file is never dropped for scratch
+    assert choice(100_000, given) == ("finetune", "dense")
+    mlp = dataclasses.replace(cfg, hidden=256)  # no closed-form head on an MLP head
+    assert choice(50, mlp) == ("frozen", "dense")
+
+
+def test_the_auto_table_is_what_data_size_measured():
     from jaxtl.config import AUTO
 
-    assert len({(mode, head) for _, mode, head in AUTO}) >= 2  # else the lookup below could not fail
-    cfg = TrainConfig.from_recipe("jaxtl", mode="auto").validate()
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "data_size-jaxtl-cpu2.json"
+    rows = [r for r in json.loads(results.read_text())["rows"] if r["weights"] == "HED"]
+    assert sorted({r["n_train"] / 10 for r in rows}) == [measured for measured, _, _ in AUTO]
     for measured, mode, head in AUTO:
-        chosen, why = cfg.resolve_auto(int(measured * 10), 10)
-        assert (chosen.mode, chosen.head) == (mode, head) and f"{measured:g} clips a class" in why
-    for (low, *lower), (high, *upper) in zip(AUTO, AUTO[1:]):  # nearest on a log scale: the geometric midpoint
-        middle = (low * high) ** 0.5
-        assert [*map(cfg.resolve_auto(int(middle * 0.9 * 10), 10)[0].__getattribute__, ("mode", "head"))] == lower
-        assert [*map(cfg.resolve_auto(int(middle * 1.1 * 10) + 1, 10)[0].__getattribute__, ("mode", "head"))] == upper
-    seed_like = TrainConfig.from_recipe("jaxtl", mode="auto", hidden=256)  # no closed-form head on an MLP head
-    assert seed_like.resolve_auto(int(AUTO[0][0] * 10), 10)[0].head == "dense"
+        best = max((r for r in rows if r["n_train"] / 10 == measured), key=lambda r: r["val_mean"])
+        assert best["mode"] == mode + ("" if head == "dense" else f"+{head}")
 
 
 def test_mode_auto_trains_the_chosen_mode_and_saves_it(cfg, capsys):
     from jaxtl.train import run
 
     lines = []
-    run(dataclasses.replace(cfg, mode="auto", hidden=0), log=lines.append)
+    run(dataclasses.replace(cfg, mode="auto", hidden=0, verbose=1), log=lines.append)
     saved = json.loads(Path(cfg.out, "config.json").read_text())
     expected, _ = dataclasses.replace(cfg, mode="auto", hidden=0).resolve_auto(32, 4)  # 40 clips, 8 for test
     assert (saved["mode"], saved["head"]) == (expected.mode, expected.head)

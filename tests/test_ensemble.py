@@ -4,19 +4,21 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import quiet
+from conftest import losses, quiet, weights_file
 from jaxtl.api import load_run
 from jaxtl.evaluate import evaluate
 from jaxtl.rundir import recorded_test_clips
 from jaxtl.train import run
 
 
-def test_an_ensemble_restored_by_evaluate_scores_as_its_members_mean_probability(cfg):
-    cfg = dataclasses.replace(cfg, ensemble=2, hidden=0)
+def test_an_ensemble_scores_as_its_members_mean_probability_and_resumes_member_by_member(cfg, tmp_path):
+    # one weight file: the members differ by their training seed alone, and share every split
+    cfg = dataclasses.replace(cfg, ensemble=2, hidden=0, weights=str(weights_file(tmp_path / "vgg.npz")))
     summary = run(cfg, log=quiet)
     members = [Path(cfg.out) / "members" / str(i) for i in range(2)]
     assert [json.loads((m / "config.json").read_text())["train_seed"] for m in members] == [42, 43]
     assert (members[0] / "split.json").read_text() == (members[1] / "split.json").read_text()
+    assert losses(members[0]) != losses(members[1])
     # in memory, from each member's own run directory: the mean of their probabilities
     paths, labels = recorded_test_clips(Path(cfg.out))
     probs = np.mean([load_run(m).predict(paths)[1] for m in members], axis=0)
@@ -27,16 +29,12 @@ def test_an_ensemble_restored_by_evaluate_scores_as_its_members_mean_probability
     np.testing.assert_allclose(ensemble.predict(paths)[1], probs, rtol=1e-4, atol=1e-6)
     assert [m["seed"] for m in summary["members"]] == [42, 43] and "Ensemble of 2" in (Path(cfg.out) / "report.md"
                                                                                       ).read_text()
-
-
-def test_an_interrupted_ensemble_keeps_its_finished_members(cfg):
-    cfg = dataclasses.replace(cfg, ensemble=2, hidden=0)
-    first = run(cfg, log=quiet)
-    (Path(cfg.out) / "members" / "1" / "summary.json").unlink()  # killed before member 2 finished
-    done = (Path(cfg.out) / "members" / "0" / "metrics.jsonl").stat().st_mtime_ns
+    # killed before member 2 finished: member 1 is kept as it is, member 2 resumes from its checkpoint
+    (members[1] / "summary.json").unlink()
+    done = (members[0] / "metrics.jsonl").stat().st_mtime_ns
     lines = []
     again = run(dataclasses.replace(cfg, resume=True), log=lines.append)
     assert any("member 1/2: finished before" in line for line in lines)
     assert any("member 2/2: training seed 43, resumed" in line for line in lines)
-    assert (Path(cfg.out) / "members" / "0" / "metrics.jsonl").stat().st_mtime_ns == done
-    assert again["test_accuracy"] == first["test_accuracy"]
+    assert (members[0] / "metrics.jsonl").stat().st_mtime_ns == done
+    assert again["test_accuracy"] == summary["test_accuracy"]

@@ -69,3 +69,19 @@ def test_two_classes_and_a_class_never_seen():
     assert (logits[:, 1] <= ABSENT_LOGIT / 2).all() and set(logits.argmax(-1)) <= {0, 2}
     with pytest.raises(ValueError, match="at least 2 classes"):
         fit_linear_head("ncm", x, np.zeros(len(x), int), 3)
+
+
+def test_a_closed_form_head_takes_no_step_and_evaluate_restores_it(cfg):
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from conftest import metrics, quiet
+    from jaxtl.evaluate import evaluate
+    from jaxtl.train import run
+
+    summary = run(dataclasses.replace(cfg, head="lda", hidden=0, epochs=50), log=quiet)
+    (row,) = metrics(cfg.out)  # fitted once, scored like one epoch
+    assert row["step"] == 0 and summary["epochs_run"] == 1
+    assert evaluate(cfg.out, progress=False)["accuracy"] == summary["test_accuracy"]
+    assert json.loads(Path(cfg.out, "config.json").read_text())["head"] == "lda"

@@ -11,11 +11,10 @@ import textwrap
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import losses, metrics, quiet, write_tone
+from conftest import losses, metrics, quiet, weights_file, write_tone
 from jaxtl.checkpoint import Checkpoints
 from jaxtl.config import TrainConfig
 from jaxtl.model import CONV_NAMES
@@ -35,18 +34,10 @@ def assert_golden(name: str, run_dir, summary: dict | None = None) -> None:
         assert summary["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1.01 / summary["n_test"])
 
 
-def _weights_file(path: Path) -> Path:
-    from jaxtl.model import VGG16Base
-    from jaxtl.weights import save_npz
-
-    save_npz(VGG16Base().init(jax.random.PRNGKey(7), jnp.zeros((1, 32, 32, 3))), path)
-    return path
-
-
-def test_frozen_base_after_a_run_equals_the_weights_file(cfg, tmp_path):
+def test_frozen_base_after_a_run_equals_theweights_file(cfg, tmp_path):
     from jaxtl.weights import load_vgg16_weights
 
-    file = _weights_file(tmp_path / "vgg.npz")
+    file = weights_file(tmp_path / "vgg.npz")
     run(dataclasses.replace(cfg, weights=str(file)), log=quiet)
     trained = restore_run(cfg.out, "latest").variables["params"]
     for name, want in load_vgg16_weights(file)["params"].items():
@@ -216,7 +207,7 @@ def test_resume_goes_on_without_an_unreadable_best_and_refuses_other_weights(who
     run(dataclasses.replace(cfg, resume=True), log=logs.append)
     assert any("no readable checkpoint" in line and "taken from the resumed state" in line for line in logs)
     np.testing.assert_allclose(losses(cfg.out), losses(whole.out), rtol=1e-5)
-    other = _weights_file(tmp_path / "vgg.npz")
+    other = weights_file(tmp_path / "vgg.npz")
     assert main(["--resume", "--out", cfg.out, "--weights", str(other), "--epochs", "4"]) == 2
     err = capsys.readouterr().err.strip()
     assert "trained on weights random init" in err and "resume with the same --weights" in err and "\n" not in err
@@ -330,7 +321,7 @@ def test_two_processes_with_fresh_caches_follow_the_one_process_run(one_process,
 
 
 def test_two_processes_with_different_weights_stop_naming_them(one_process, tmp_path):
-    file = _weights_file(tmp_path / "vgg.npz")
+    file = weights_file(tmp_path / "vgg.npz")
     argv = ["--data", one_process[0].data, "--image-size", "32", "--out", str(tmp_path / "two"), "--cache-dir",
             str(tmp_path / "cache"), "--workers", "1", "--verbose", "0"]
     procs = _two_processes(argv, [["--weights", "random"], ["--weights", str(file)]])
@@ -400,3 +391,9 @@ def test_checkpoints_every_n_seconds_keep_the_best_epoch_and_the_end(cfg, tmp_pa
     assert got.meta["epoch"] == want.meta["epoch"] == 0  # saved with the last epoch's checkpoint, as it was
     for a, b in zip(jax.tree.leaves(want.variables), jax.tree.leaves(got.variables)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_mixup_reaches_the_step(one_process, tmp_path):
+    mixed = dataclasses.replace(one_process[0], epochs=1, mixup=0.4, out=str(tmp_path / "mixed"))
+    run(mixed, log=quiet)
+    assert abs(losses(mixed.out)[0] - GOLDEN["frozen"]["train_loss"][0]) > 1e-2  # the same run without mixup
