@@ -31,8 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import FSDD, HED, RESULTS, device_tag, machine, run_config, write_results  # noqa: E402
-from jaxtl.config import RECIPES  # noqa: E402
+from common import FSDD, HED, JAXTL, RESULTS, device_tag, machine, run_config, write_results  # noqa: E402
 
 
 def manifest(per_cell: int, where: Path) -> Path:
@@ -167,7 +166,7 @@ def main() -> None:
                 if (size, taps, protocol, seed, fold) in seen:
                     continue
                 extra = {"split": "group", "test_group": fold} if fold else {}
-                s = run_config({**RECIPES["jaxtl"], "taps": taps}, seed, size, args.weights, data=data, **extra)
+                s = run_config({**JAXTL, "taps": taps}, seed, size, args.weights, data=data, **extra)
                 row = {"size": size, "taps": taps, "protocol": protocol, "seed": seed, "fold": fold,
                        "val_accuracy": s["val_accuracy"], "test_accuracy": s["test_accuracy"],
                        "n_clips": s["n_train"] + s["n_val"] + s["n_test"], "epochs": s["epochs_run"],

@@ -169,12 +169,17 @@ class TrainConfig:
             (self.lr > 0 and self.base_lr > 0, "learning rates must be positive"),
             (not (self.mode == "scratch" and self.weights not in (None, "random")),
              "--mode scratch trains from random init; drop --weights"),
+            (self.mode != "auto" or self.head == "dense", "--mode auto (the jaxtl recipe's default) picks the head "
+                                                          "itself: drop --head, or add --mode frozen"),
             (self.head == "dense" or self.closed_form_head_fits(),
              f"--head {self.head} is a linear head fitted on the frozen base's cached outputs: it needs --mode "
-             "frozen, --hidden 0, the prefix cache (--cache-prefix) and no in-step augmentation"),
+             "frozen, --hidden 0, the prefix cache (--cache-prefix), and no in-step augmentation or --mixup"),
+            (not (self.ensemble > 1 and self.head != "dense" and self.weights not in (None, "random")),
+             f"--ensemble {self.ensemble} --head {self.head} on one weight file trains identical members (the fit has "
+             "no seed): use --weights random, or --head dense"),
+            (not self.vtlp or self.augment_copies, "--vtlp warps offline copies: give --augment-copies N too"),
             (self.mixup >= 0, "--mixup must not be negative"),
             (self.ensemble >= 1, "--ensemble must be at least 1"),
-            (self.mode != "auto" or self.head == "dense", "--mode auto picks the head too; drop --head"),
             (0 <= self.vtlp < 1 and (not self.vtlp or self.representation in ("logmel", "pcen")),
              "--vtlp warps mel bands: it needs --representation logmel or pcen and a value in [0, 1)"),
         ]
@@ -192,7 +197,8 @@ class TrainConfig:
 
     def closed_form_head_fits(self) -> bool:
         """Whether a closed-form head can replace the trained one: a linear head on cached head inputs."""
-        return self.mode in ("frozen", "auto") and self.hidden == 0 and self.cache_prefix and not self.augment()
+        return (self.mode in ("frozen", "auto") and self.hidden == 0 and self.cache_prefix and not self.augment()
+                and not self.mixup)
 
     def resolve_auto(self, n_clips: int, n_classes: int) -> tuple[TrainConfig, str]:
         """(these settings with `--mode auto` replaced by the AUTO row measured nearest to `n_clips` training
@@ -200,11 +206,13 @@ class TrainConfig:
         per_class = n_clips / max(n_classes, 1)
         rows = [r for r in AUTO if r[1] != "scratch" or self.weights in (None, "random")]  # a given file is used
         measured, mode, head = min(rows, key=lambda r: abs(np.log(max(per_class, 1) / r[0])))
-        if mode == "frozen" and not self.closed_form_head_fits():
-            head = "dense"
         reason = (f"{n_clips} training clips, {n_classes} classes ({per_class:.0f} a class): --mode {mode} --head "
                   f"{head}, the best on validation data at the nearest measured size, {measured:g} clips a class "
                   "(benchmarks/data_size.py)")
+        if head != "dense" and not self.closed_form_head_fits():
+            reason += (f"; --head dense instead: {head} needs --hidden 0, the prefix cache, no in-step augmentation "
+                       "and no --mixup")
+            head = "dense"
         return dataclasses.replace(self, mode=mode, head=head), reason
 
     @property

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jax
 
-from jaxtl.config import ConfigError, TrainConfig
+from jaxtl.config import ConfigError, TrainConfig, load_config, saved_config
 from jaxtl.data import DataError
 from jaxtl.epochs import mean_loss
 from jaxtl.evaluate import labelled_clips
@@ -37,6 +37,17 @@ def member_config(cfg: TrainConfig, i: int) -> TrainConfig:
         resume=(Path(cfg.out) / MEMBERS / str(i) / "config.json").is_file())
 
 
+def check_member(member: TrainConfig) -> None:
+    """A member an interrupted ensemble started must be finished with the settings it started with."""
+    saved = load_config(saved_config(member.out), Path(member.out) / "config.json")
+    resolved = ("mode", "head") if member.mode == "auto" else ()  # saved as --mode auto resolved them
+    changed = sorted(f.name for f in dataclasses.fields(member) if f.name not in ("out", "resume", "verbose", *resolved)
+                     and getattr(saved, f.name) != getattr(member, f.name))
+    if changed:
+        raise ConfigError(f"--resume: {member.out} was trained with other settings ({', '.join(changed)}); resume "
+                          "the ensemble with its own settings, or start a new --out")
+
+
 def train_ensemble(cfg: TrainConfig, run_member: Callable[[TrainConfig, Callable], dict], log: Callable = print
                    ) -> dict:
     """Train (or finish) every member with `run_member`, then score the ensemble on the run's validation, test
@@ -48,6 +59,9 @@ def train_ensemble(cfg: TrainConfig, run_member: Callable[[TrainConfig, Callable
     if (out / MEMBERS).is_dir() and not cfg.resume:
         raise ConfigError(f"{out} already holds ensemble members: pass --resume to finish it or choose another --out")
     cfg = dataclasses.replace(cfg, out=str(out))
+    for member in (member_config(cfg, i) for i in range(cfg.ensemble)):
+        if member.resume:  # before anything is written
+            check_member(member)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", dataclasses.asdict(cfg))
     members = []

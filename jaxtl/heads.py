@@ -16,6 +16,8 @@ import warnings
 
 import numpy as np
 
+from jaxtl.data import DataError
+
 HEADS = ("dense", "logreg", "lda", "ncm")
 # Inverse L2 strengths logreg's inner cross-validation chooses from.
 LOGREG_CS = tuple(np.logspace(-4, 2, 7))
@@ -24,12 +26,14 @@ ABSENT_LOGIT = -1e4
 
 
 def inner_folds(y: np.ndarray, groups: list[str] | None, seed: int):
-    """Cross-validation folds over the training clips: by group (speaker) when there are 3 or more, so the
-    choice is made on speakers the fit did not hear; else stratified."""
+    """Cross-validation folds over the training clips: by group (speaker) when there are 3 or more and every
+    fold's fit holds every class, so the choice is made on speakers the fit did not hear; else stratified."""
     from sklearn.model_selection import GroupKFold, StratifiedKFold
 
     if groups is not None and len(set(groups)) >= 3:
-        return list(GroupKFold(min(5, len(set(groups)))).split(y, y, groups))
+        folds = list(GroupKFold(min(5, len(set(groups)))).split(y, y, groups))
+        if all(set(y[fit]) == set(y) for fit, _ in folds):  # a speaker may lack a class: then stratified
+            return folds
     per_class = np.bincount(y)[np.bincount(y) > 0].min()
     return list(StratifiedKFold(int(min(5, max(2, per_class))), shuffle=True, random_state=seed).split(y, y))
 
@@ -43,8 +47,8 @@ def fit_linear_head(kind: str, x: np.ndarray, y: np.ndarray, n_classes: int, gro
 
     present = np.unique(y)
     if len(present) < 2:
-        raise ValueError(f"a {kind} head needs clips of at least 2 classes to fit, the training split has "
-                         f"{len(present)}")
+        raise DataError(f"--head {kind} needs training clips of at least 2 classes, the training split has "
+                        f"{len(present)}")
     x = np.asarray(x, np.float64)
     note = ""
     with warnings.catch_warnings():  # lbfgs' convergence notes on tiny, separable data

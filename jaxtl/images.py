@@ -107,9 +107,10 @@ def to_images(batch: np.ndarray, lengths: np.ndarray, size: int = 224, fit: str 
     small = batch[:, :, rows, :].astype(np.float32)
     if band_norm != "none":  # per-utterance normalisation of each band over the clip's columns
         small = small - small.mean(axis=3, keepdims=True)
-        if band_norm == "meanvar":
+        if band_norm == "meanvar":  # a band whose spread is rounding (a floored, interpolated band) becomes 0
             std = small.std(axis=3, keepdims=True)
-            small = np.where(std > 0, small / np.where(std > 0, std, 1.0), 0.0)
+            real = std > 1e-5 * (std.max(axis=2, keepdims=True) + 1e-12)
+            small = np.where(real, small / np.where(real, std, 1.0), 0.0)
     lo = small.min(axis=(2, 3), keepdims=True)
     span = small.max(axis=(2, 3), keepdims=True) - lo
     small = np.where(span > 0, (small - lo) / np.where(span > 0, span, 1.0), 0.0)

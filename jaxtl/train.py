@@ -82,18 +82,18 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     """Train as `cfg` says; returns the summary (also written to OUT/summary.json)."""
     if cfg.validate().ensemble > 1:  # members are runs of their own (jaxtl.ensemble)
         return train_ensemble(cfg, run, log)
-    # ---------------------------------------------------------------- setup: run directory, mesh
+    # ---------------------------------------------------------------- setup: run directory, weights, mesh
     t_start = time.perf_counter()
     main_process = is_main_process()
     notice = log if main_process else (lambda *_: None)  # the closing line, resumes, fallbacks: every verbosity
     log = notice if cfg.verbose >= 1 else (lambda *_: None)
-    cfg.validate()
     use_compile_cache(cfg.cache_dir)
     out = new_run_dir(cfg.out, cfg.recipe, cfg.resume, jax.process_count() > 1)
     cfg = dataclasses.replace(cfg, out=str(out))
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", dataclasses.asdict(cfg))
+    base_vars, weights_source, weights_digest = resolve_run_weights(cfg.mode, cfg.weights, notice)
     mesh = make_mesh()
 
     # ---------------------------------------------------------------- data: files -> features -> splits
@@ -111,12 +111,13 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     if cfg.mode == "auto":  # the mode and head measured best for this much data (jaxtl.config.AUTO)
         cfg, why = cfg.resolve_auto(int(np.sum(prep.train < prep.n_files)) + len(prep.val), len(prep.classes))
         log(f"--mode auto: {why}")
+        if cfg.mode == "scratch":  # only without a weight file (AUTO's rule)
+            base_vars, weights_source, weights_digest = None, "random init (scratch)", "random"
         if main_process:
             write_json(out / "config.json", dataclasses.asdict(cfg))
 
-    # ---------------------------------------------------------------- weights, model, checkpoints and resume
+    # ---------------------------------------------------------------- model, checkpoints and resume
     t = time.perf_counter()
-    base_vars, weights_source, weights_digest = resolve_run_weights(cfg.mode, cfg.weights, notice)
     log(f"weights: {weights_source} (digest {weights_digest})")
     model = cfg.model(len(prep.classes))
     params, norm = init_params(model, cfg.image_size, cfg.training_seed, base_vars,

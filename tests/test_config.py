@@ -12,6 +12,13 @@ from jaxtl.train import main
     (["--image-size", "16"], "--image-size must be at least 32"),
     (["--mode", "scratch", "--weights", "x.h5"], "--mode scratch trains from random init"),
     (["--test-size", "1.5"], "--test-size must be between 0 and 1"),
+    (["--head", "lda"], "--mode auto (the jaxtl recipe's default) picks the head itself"),
+    (["--mode", "frozen", "--head", "lda", "--hidden", "256"], "--head lda is a linear head fitted on"),
+    (["--mode", "frozen", "--head", "lda", "--mixup", "0.2"], "no in-step augmentation or --mixup"),
+    (["--vtlp", "0.1"], "--vtlp warps offline copies: give --augment-copies N too"),
+    (["--augment-copies", "1", "--vtlp", "0.1", "--representation", "mfcc"], "--vtlp warps mel bands"),
+    (["--mode", "frozen", "--head", "lda", "--ensemble", "2", "--weights", "x.h5"], "trains identical members"),
+    (["--ensemble", "0"], "--ensemble must be at least 1"),
 ])
 def test_bad_flags_give_one_line_errors(argv, message, capsys, tmp_path):
     assert main(argv + ["--out", str(tmp_path / "r")]) == 2
@@ -132,11 +139,12 @@ def test_the_auto_table_is_what_data_size_measured():
 
 
 def test_mode_auto_trains_the_chosen_mode_and_saves_it(cfg, capsys):
+    from conftest import metrics
     from jaxtl.train import run
 
     lines = []
     run(dataclasses.replace(cfg, mode="auto", hidden=0, verbose=1), log=lines.append)
     saved = json.loads(Path(cfg.out, "config.json").read_text())
-    expected, _ = dataclasses.replace(cfg, mode="auto", hidden=0).resolve_auto(32, 4)  # 40 clips, 8 for test
-    assert (saved["mode"], saved["head"]) == (expected.mode, expected.head)
+    assert (saved["mode"], saved["head"]) == ("frozen", "lda")  # AUTO's row nearest 8 clips a class
+    assert [row["step"] for row in metrics(cfg.out)] == [0]  # fitted, not trained
     assert any(line.startswith("--mode auto: 32 training clips, 4 classes") for line in lines)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from jaxtl.data import DataError
 from jaxtl.heads import ABSENT_LOGIT, fit_linear_head, inner_folds, with_fitted_head
 from jaxtl.model import Head
 
@@ -56,6 +57,8 @@ def test_logreg_chooses_its_strength_on_speakers_the_fold_did_not_fit():
     assert f"C={np.ravel(ref.C_)[0]:.3g}" in note
     np.testing.assert_allclose(x @ kernel + bias, ref.decision_function(x), rtol=1e-3, atol=1e-3)
     assert len(inner_folds(y, None, seed=0)) == 5  # no speakers: stratified folds
+    lacking = ["s1" if label == 3 else g for g, label in zip(groups, y)]  # class 3: one speaker's only
+    assert len(inner_folds(y, lacking, seed=0)) == 5  # a fold would fit without class 3: stratified instead
 
 
 def test_two_classes_and_a_class_never_seen():
@@ -67,21 +70,33 @@ def test_two_classes_and_a_class_never_seen():
     lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(x.astype(np.float64), y)
     np.testing.assert_allclose(logits[:, 2] - logits[:, 0], lda.decision_function(x), rtol=1e-3, atol=1e-3)
     assert (logits[:, 1] <= ABSENT_LOGIT / 2).all() and set(logits.argmax(-1)) <= {0, 2}
-    with pytest.raises(ValueError, match="at least 2 classes"):
+    with pytest.raises(DataError, match="at least 2 classes"):
         fit_linear_head("ncm", x, np.zeros(len(x), int), 3)
 
 
 def test_a_closed_form_head_takes_no_step_and_evaluate_restores_it(cfg):
     import dataclasses
-    import json
-    from pathlib import Path
+
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
     from conftest import metrics, quiet
     from jaxtl.evaluate import evaluate
+    from jaxtl.pipeline import prepare
+    from jaxtl.restore import predict_logits, restore_run
     from jaxtl.train import run
 
-    summary = run(dataclasses.replace(cfg, head="lda", hidden=0, epochs=50), log=quiet)
+    cfg = dataclasses.replace(cfg, head="lda", hidden=0, epochs=50)
+    summary = run(cfg, log=quiet)
     (row,) = metrics(cfg.out)  # fitted once, scored like one epoch
     assert row["step"] == 0 and summary["epochs_run"] == 1
     assert evaluate(cfg.out, progress=False)["accuracy"] == summary["test_accuracy"]
-    assert json.loads(Path(cfg.out, "config.json").read_text())["head"] == "lda"
+    # the restored model decides as scikit-learn's LDA fitted on the training clips' standardised head inputs
+    restored, prep = restore_run(cfg.out), prepare(cfg.data_spec(), log=quiet)
+    model, params, norm = restored.model, restored.variables["params"], restored.variables["norm"]["head"]
+    taps = np.asarray(model.apply({"params": params}, cfg.image_spec().network_input(cfg.image_spec().batch(
+        prep.feats, np.arange(len(prep.y)))), method=type(model).head_inputs))
+    seen = (taps - np.asarray(norm["mean"])) * np.asarray(norm["scale"])
+    lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(seen[prep.train].astype(np.float64),
+                                                                           prep.y[prep.train])
+    logits = predict_logits(restored, prep.feats.subset(prep.test))
+    np.testing.assert_allclose(logits, lda.decision_function(seen[prep.test]), rtol=1e-3, atol=1e-3)

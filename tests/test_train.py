@@ -34,7 +34,7 @@ def assert_golden(name: str, run_dir, summary: dict | None = None) -> None:
         assert summary["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1.01 / summary["n_test"])
 
 
-def test_frozen_base_after_a_run_equals_theweights_file(cfg, tmp_path):
+def test_frozen_base_after_a_run_equals_the_weights_file(cfg, tmp_path):
     from jaxtl.weights import load_vgg16_weights
 
     file = weights_file(tmp_path / "vgg.npz")
