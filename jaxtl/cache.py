@@ -141,45 +141,68 @@ def fingerprint(*parts) -> str:
 
 
 class ActivationCache:
-    """Frozen-prefix outputs per clip, one HDF5 file per (prefix weights, split point, settings) key.
+    """Frozen-prefix outputs per clip, under one (prefix weights, split point, settings) key.
 
     Computing VGG16's prefix is the most expensive thing a frozen run does; kept on disk per clip, a
     second run (another head, seed, subset or learning rate) pays only for clips it has not seen.
+    `prefix-<key>/` holds append-only shards (`rows-000000.h5`, ...), each written once, atomically, with
+    the rows of clips no earlier shard holds: adding clips writes a new shard and never rewrites old rows,
+    and a run reads only the rows of the clips it asks for (HDF5 reads of those rows), into one array.
+    jaxtl 0.2's single file, `prefix-<key>.h5`, is read as the first shard.
     """
 
     def __init__(self, directory: str | os.PathLike, key: str):
-        self.path = Path(directory) / f"prefix-{key}.h5"
+        self.path = Path(directory) / f"prefix-{key}"
+        self.legacy = Path(directory) / f"prefix-{key}.h5"
 
-    def load(self) -> tuple[list[str], dict[str, np.ndarray]]:
-        try:
-            with h5py.File(self.path, "r") as f:
+    def shards(self) -> list[Path]:
+        return ([self.legacy] if self.legacy.is_file() else []) + sorted(self.path.glob("rows-*.h5"))
+
+    def stored_keys(self) -> set[str]:
+        keys: set[str] = set()
+        for shard in self.shards():
+            with contextlib.suppress(OSError, KeyError), h5py.File(shard, "r") as f:
+                if f.attrs.get("complete"):
+                    keys.update(k.decode() for k in f["keys"][:])
+        return keys
+
+    def read(self, keys: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """(which of `keys` are stored, {name: (len(keys), ...) rows, those of clips not stored left zero});
+        None for the rows when no clip is stored. Incomplete or unreadable shards count as absent."""
+        want = {k: i for i, k in enumerate(keys)}
+        found, out = np.zeros(len(keys), bool), None
+        for shard in self.shards():
+            with contextlib.suppress(OSError, KeyError), h5py.File(shard, "r") as f:
                 if not f.attrs.get("complete"):
-                    return [], {}
-                keys = [k.decode() for k in f["keys"][:]]
-                acts = {name: f["acts"][name][:] for name in f["acts"]}
-                return keys, {n: a.view(ml_bfloat16()) if f["acts"][n].attrs.get("bfloat16") else a
-                              for n, a in acts.items()}
-        except (OSError, KeyError):
-            return [], {}
+                    continue
+                rows = [(r, want[k]) for r, k in enumerate(x.decode() for x in f["keys"][:])
+                        if k in want and not found[want[k]]]
+                if not rows:
+                    continue
+                src, dst = (np.array(c, np.int64) for c in zip(*rows))
+                if out is None:
+                    out = {n: np.zeros((len(keys),) + ds.shape[1:], ml_bfloat16() if ds.attrs.get("bfloat16")
+                                       else ds.dtype) for n, ds in f["acts"].items()}
+                for n, ds in f["acts"].items():
+                    a = ds[src]  # increasing row numbers: h5py reads these rows only
+                    out[n][dst] = a.view(ml_bfloat16()) if ds.attrs.get("bfloat16") else a
+                found[dst] = True
+        return found, out
 
     def add(self, keys: list[str], acts: dict[str, np.ndarray]) -> None:
-        """Append the rows of clips the file (as it is now, another run may have written since) lacks."""
+        """Write the rows of clips no shard holds yet (another run may have added some since) as a new shard."""
         with locked(self.path):
-            old_keys, old = self.load()
-            have = set(old_keys)
+            have = self.stored_keys()
             new = [i for i, k in enumerate(keys) if k not in have]
-            if old_keys and not new:
+            if not new:
                 return
-            self._write(old_keys + [keys[i] for i in new],
-                        {n: np.concatenate([old[n], a[new]]) if old_keys else a[new] for n, a in acts.items()})
-
-    def _write(self, keys: list[str], acts: dict[str, np.ndarray]) -> None:
-        with atomic_h5(self.path) as f:
-            f["keys"] = np.array([k.encode() for k in keys])
-            for name, a in acts.items():
-                bf16 = a.dtype == ml_bfloat16()
-                f[f"acts/{name}"] = a.view(np.uint16) if bf16 else a
-                f[f"acts/{name}"].attrs["bfloat16"] = bf16
+            shard = self.path / f"rows-{len(list(self.path.glob('rows-*.h5'))):06d}.h5"  # unique under the lock
+            with atomic_h5(shard) as f:
+                f["keys"] = np.array([keys[i].encode() for i in new])
+                for name, a in acts.items():
+                    bf16 = a.dtype == ml_bfloat16()
+                    f[f"acts/{name}"] = (a[new].view(np.uint16) if bf16 else a[new])
+                    f[f"acts/{name}"].attrs["bfloat16"] = bf16
 
 
 def ml_bfloat16():

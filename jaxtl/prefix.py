@@ -3,8 +3,9 @@
 What crosses a split point `k` is `{"h": activation after conv k, "taps": pooled outputs of tapped blocks
 already passed}` (see `jaxtl.model.Classifier`); at k = 13 only `taps` is left, the head's whole input.
 Computing VGG16's prefix is the most expensive thing a frozen run does, so its outputs are kept per clip
-in `.jaxtl_cache/prefix-<key>.h5`, keyed by the prefix weights and every setting that shapes them: a
-rerun (another head, seed, subset or learning rate) pays only for clips it has not seen.
+in `.jaxtl_cache/prefix-<key>/` (append-only shards, `jaxtl.cache.ActivationCache`), keyed by the prefix
+weights and every setting that shapes them: a rerun (another head, seed, subset or learning rate) pays only
+for clips it has not seen, and reads only the rows of its own clips.
 """
 
 from __future__ import annotations
@@ -75,24 +76,20 @@ def cached_prefix(model: Classifier, params, keys: list[str], feats: RaggedFeatu
     if not cache_dir:
         return finite(compute_prefix(model, params, feats, every, k, images, mesh, progress), keys)
     store = ActivationCache(cache_dir, key)
-    stored_keys, stored = store.load()
-    where = {c: i for i, c in enumerate(stored_keys)}
-    have = np.array([i for i, c in enumerate(keys) if c in where], np.int64)
-    missing = np.array([i for i, c in enumerate(keys) if c not in where], np.int64)
+    found, out = store.read(keys)  # the rows of these clips only, into one array
+    missing = np.flatnonzero(~found)
     if not len(missing):
         log(f"frozen prefix: {len(keys)} clips from {store.path}")
-        return finite({name: a[[where[keys[i]] for i in have]] for name, a in stored.items()}, keys)
+        return finite(out, keys)
     t = time.perf_counter()
     new = finite(compute_prefix(model, params, feats, missing, k, images, mesh, progress), [keys[i] for i in missing])
     secs = time.perf_counter() - t
     log(f"frozen prefix: {len(missing)} clips in {secs:.1f}s ({len(missing) / secs:.1f} clips/s), "
-        f"{len(have)} from {store.path}")
-    out = {}
+        f"{len(keys) - len(missing)} from {store.path}")
+    if out is None:
+        out = {name: np.zeros((len(keys),) + a.shape[1:], a.dtype) for name, a in new.items()}
     for name, a in new.items():
-        out[name] = np.zeros((len(keys),) + a.shape[1:], a.dtype)
         out[name][missing] = a
-        if len(have):
-            out[name][have] = stored[name][[where[keys[i]] for i in have]]
     if is_main_process():
         store.add([keys[i] for i in missing], new)
     return finite(out, keys)  # the cached rows too: an older version may have stored non-finite ones

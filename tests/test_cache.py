@@ -125,6 +125,44 @@ def test_runs_sharing_a_cache_keep_each_others_entries(tmp_path, clips):
     one, other = cachelib.ActivationCache(tmp_path / "c", "k"), cachelib.ActivationCache(tmp_path / "c", "k")
     one.add(["x", "y"], {"taps": acts["taps"][:2]})
     other.add(["y", "z"], {"taps": acts["taps"][1:]})
-    keys, stored = cachelib.ActivationCache(tmp_path / "c", "k").load()
-    assert keys == ["x", "y", "z"]
+    found, stored = cachelib.ActivationCache(tmp_path / "c", "k").read(["x", "y", "z"])
+    assert found.all() and len(one.shards()) == 2  # the second writer added z alone
     np.testing.assert_array_equal(stored["taps"], acts["taps"])
+
+
+def test_appending_to_the_prefix_cache_rewrites_no_old_row_and_reads_only_the_rows_asked(tmp_path):
+    rng = np.random.default_rng(0)
+    acts = {"taps": rng.normal(size=(8, 4096)).astype(np.float32),  # 16 KB a row: data, not HDF5's overhead
+            "h": rng.normal(size=(8, 2, 2, 4)).astype(cachelib.ml_bfloat16())}
+    keys = [f"clip{i}" for i in range(8)]
+    store = cachelib.ActivationCache(tmp_path, "k")
+    store.add(keys[:5], {n: a[:5] for n, a in acts.items()})
+    (first,) = store.shards()
+    before = first.read_bytes()
+    store.add(keys[3:], {n: a[3:] for n, a in acts.items()})  # 2 clips it has, 3 new ones
+    shards = store.shards()
+    assert shards[0] == first and first.read_bytes() == before  # old rows byte-identical, the file untouched
+    with h5py.File(shards[1], "r") as f:
+        assert [k.decode() for k in f["keys"][:]] == keys[5:] and len(f["acts/taps"]) == 3  # the new rows only
+    assert shards[1].stat().st_size < 0.7 * first.stat().st_size  # grew by 3 rows' bytes, not by a rewrite of 8
+    found, rows = store.read(["clip6", "unknown", "clip1"])
+    assert found.tolist() == [True, False, True] and rows["h"].dtype == acts["h"].dtype
+    for name, a in acts.items():
+        np.testing.assert_array_equal(rows[name][[0, 2]], a[[6, 1]])
+        assert not np.asarray(rows[name][1], np.float32).any()
+    with h5py.File(shards[1], "r+") as f:  # a shard whose write never completed reads as absent
+        del f.attrs["complete"]
+    assert store.read(["clip6", "clip1"])[0].tolist() == [False, True]
+
+
+def test_a_jaxtl_0_2_prefix_cache_file_is_read_as_the_first_shard(tmp_path):
+    with h5py.File(tmp_path / "prefix-k.h5", "w") as f:  # the single file jaxtl 0.2 wrote
+        f["keys"] = np.array([b"a", b"b"])
+        f["acts/taps"] = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+        f["acts/taps"].attrs["bfloat16"] = False
+        f.attrs["complete"] = True
+    store = cachelib.ActivationCache(tmp_path, "k")
+    found, rows = store.read(["b", "c"])
+    assert found.tolist() == [True, False] and rows["taps"][0].tolist() == [3.0, 4.0]
+    store.add(["b", "c"], {"taps": np.array([[3.0, 4.0], [5.0, 6.0]], np.float32)})
+    assert store.read(["a", "b", "c"])[0].all() and len(store.shards()) == 2

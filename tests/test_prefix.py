@@ -61,4 +61,4 @@ def test_a_non_finite_prefix_is_refused_before_it_is_cached(cfg, tmp_path, monke
     cfg = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(FloatingPointError, match="non-finite outputs for 40 of 40 clips"):
         run(cfg, log=quiet)
-    assert not list((tmp_path / "cache").glob("prefix-*.h5"))
+    assert not list((tmp_path / "cache").glob("prefix-*"))
