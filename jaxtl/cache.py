@@ -184,7 +184,9 @@ class ActivationCache:
                     out = {n: np.zeros((len(keys),) + ds.shape[1:], ml_bfloat16() if ds.attrs.get("bfloat16")
                                        else ds.dtype) for n, ds in f["acts"].items()}
                 for n, ds in f["acts"].items():
-                    a = ds[src]  # increasing row numbers: h5py reads these rows only
+                    # increasing row numbers: h5py reads these rows only (it cannot select from an empty array:
+                    # the taps of a split point before the first tapped block are (N, 0))
+                    a = ds[src] if ds.size else np.zeros((len(src),) + ds.shape[1:], ds.dtype)
                     out[n][dst] = a.view(ml_bfloat16()) if ds.attrs.get("bfloat16") else a
                 found[dst] = True
         return found, out

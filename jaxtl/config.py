@@ -174,9 +174,10 @@ class TrainConfig:
             (self.head == "dense" or self.closed_form_head_fits(),
              f"--head {self.head} is a linear head fitted on the frozen base's cached outputs: it needs --mode "
              "frozen, --hidden 0, the prefix cache (--cache-prefix), and no in-step augmentation or --mixup"),
-            (not (self.ensemble > 1 and self.head != "dense" and self.weights not in (None, "random")),
-             f"--ensemble {self.ensemble} --head {self.head} on one weight file trains identical members (the fit has "
-             "no seed): use --weights random, or --head dense"),
+            (not (self.ensemble > 1 and (self.head != "dense" or self.mode == "auto") and self.weights != "random"),
+             f"--ensemble {self.ensemble} with a closed-form head (--head, or the one --mode auto picks) on one base "
+             "trains identical members (the fit has no seed): use --weights random (a base per member), or --mode "
+             "frozen (trained heads)"),
             (not self.vtlp or self.augment_copies, "--vtlp warps offline copies: give --augment-copies N too"),
             (self.mixup >= 0, "--mixup must not be negative"),
             (self.ensemble >= 1, "--ensemble must be at least 1"),

@@ -133,7 +133,8 @@ def test_runs_sharing_a_cache_keep_each_others_entries(tmp_path, clips):
 def test_appending_to_the_prefix_cache_rewrites_no_old_row_and_reads_only_the_rows_asked(tmp_path):
     rng = np.random.default_rng(0)
     acts = {"taps": rng.normal(size=(8, 4096)).astype(np.float32),  # 16 KB a row: data, not HDF5's overhead
-            "h": rng.normal(size=(8, 2, 2, 4)).astype(cachelib.ml_bfloat16())}
+            "h": rng.normal(size=(8, 2, 2, 4)).astype(cachelib.ml_bfloat16()),
+            "none": np.zeros((8, 0), np.float32)}  # no tapped block before the split point yet
     keys = [f"clip{i}" for i in range(8)]
     store = cachelib.ActivationCache(tmp_path, "k")
     store.add(keys[:5], {n: a[:5] for n, a in acts.items()})

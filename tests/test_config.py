@@ -18,6 +18,7 @@ from jaxtl.train import main
     (["--vtlp", "0.1"], "--vtlp warps offline copies: give --augment-copies N too"),
     (["--augment-copies", "1", "--vtlp", "0.1", "--representation", "mfcc"], "--vtlp warps mel bands"),
     (["--mode", "frozen", "--head", "lda", "--ensemble", "2", "--weights", "x.h5"], "trains identical members"),
+    (["--ensemble", "2"], "trains identical members"),  # --mode auto's LDA on the default (ImageNet) base
     (["--ensemble", "0"], "--ensemble must be at least 1"),
 ])
 def test_bad_flags_give_one_line_errors(argv, message, capsys, tmp_path):

@@ -260,7 +260,7 @@ def test_four_devices_follow_one_and_each_holds_a_quarter_of_a_batch(one_process
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     np.testing.assert_allclose(losses(four.out), losses(one.out), rtol=1e-4)
-    assert len(list(Path(four.cache_dir).glob("prefix-*.h5"))) == 1  # its own prefix pass ran, on 4 devices
+    assert len(list(Path(four.cache_dir).glob("prefix-*/rows-*.h5"))) == 1  # its own prefix pass ran, on 4 devices
 
 
 def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(cfg, capsys):
@@ -315,7 +315,7 @@ def test_two_processes_with_fresh_caches_follow_the_one_process_run(one_process,
     assert all(p.returncode == 0 for p in procs), procs[0].output[-3000:] + procs[1].output[-3000:]
     assert "2 device(s), 2 process(es)" in procs[0].output
     assert "(0 from cache, 40 computed)" in procs[0].output  # process 0 extracted, the other read its cache
-    assert len(list(cache.glob("prefix-*.h5"))) == 1  # the prefix pass ran split over both processes
+    assert len(list(cache.glob("prefix-*/rows-*.h5"))) == 1  # the prefix pass ran split over both processes
     np.testing.assert_allclose(losses(out), losses(c.out), rtol=1e-4)
     assert restore_run(out, "latest").meta["epoch"] == 2
 
