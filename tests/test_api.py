@@ -68,6 +68,8 @@ def test_default_run_trains_on_the_demo_set_and_verbose_0_prints_only_the_summar
         sides.setdefault(c["side"], set()).add(Path(c["path"]).stem.split("_")[1])
     assert sides["holdout"] == {"yweweler"} and "yweweler" not in sides["train"] | sides["val"] | sides["test"]
     assert "held-out speaker yweweler" in (out / "report.md").read_text()
+    saved = json.loads((out / "config.json").read_text())  # the recipe's --mode auto, resolved and saved
+    assert (saved["mode"], saved["head"]) == ("frozen", "lda") and summary["epochs_run"] == 1  # fitted, not trained
     from jaxtl.evaluate import evaluate
 
     held = evaluate(str(out), side="holdout", progress=False)  # the recorded held-out speaker, from the checkpoint

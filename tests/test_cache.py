@@ -136,6 +136,9 @@ def test_appending_to_the_prefix_cache_rewrites_no_old_row_and_reads_only_the_ro
             "h": rng.normal(size=(8, 2, 2, 4)).astype(cachelib.ml_bfloat16()),
             "none": np.zeros((8, 0), np.float32)}  # no tapped block before the split point yet
     keys = [f"clip{i}" for i in range(8)]
+    empty = cachelib.ActivationCache(tmp_path, "empty")  # h5py selects 16+ rows of an (N, 0) array as a hyperslab
+    empty.add([f"e{i}" for i in range(20)], {"none": np.zeros((20, 0), np.float32)})
+    assert empty.read([f"e{i}" for i in range(20)])[1]["none"].shape == (20, 0)
     store = cachelib.ActivationCache(tmp_path, "k")
     store.add(keys[:5], {n: a[:5] for n, a in acts.items()})
     (first,) = store.shards()
@@ -151,6 +154,9 @@ def test_appending_to_the_prefix_cache_rewrites_no_old_row_and_reads_only_the_ro
     for name, a in acts.items():
         np.testing.assert_array_equal(rows[name][[0, 2]], a[[6, 1]])
         assert not np.asarray(rows[name][1], np.float32).any()
+    found, rows = store.read(keys)  # every row: a contiguous run of each shard, empty arrays included
+    assert found.all() and rows["none"].shape == (8, 0)
+    np.testing.assert_array_equal(rows["taps"], acts["taps"])
     with h5py.File(shards[1], "r+") as f:  # a shard whose write never completed reads as absent
         del f.attrs["complete"]
     assert store.read(["clip6", "clip1"])[0].tolist() == [False, True]

@@ -137,15 +137,3 @@ def test_the_auto_table_is_what_data_size_measured():
     for measured, mode, head in AUTO:
         best = max((r for r in rows if r["n_train"] / 10 == measured), key=lambda r: r["val_mean"])
         assert best["mode"] == mode + ("" if head == "dense" else f"+{head}")
-
-
-def test_mode_auto_trains_the_chosen_mode_and_saves_it(cfg, capsys):
-    from conftest import metrics
-    from jaxtl.train import run
-
-    lines = []
-    run(dataclasses.replace(cfg, mode="auto", hidden=0, verbose=1), log=lines.append)
-    saved = json.loads(Path(cfg.out, "config.json").read_text())
-    assert (saved["mode"], saved["head"]) == ("frozen", "lda")  # AUTO's row nearest 8 clips a class
-    assert [row["step"] for row in metrics(cfg.out)] == [0]  # fitted, not trained
-    assert any(line.startswith("--mode auto: 32 training clips, 4 classes") for line in lines)
