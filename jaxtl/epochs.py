@@ -90,12 +90,12 @@ def _scanned(programs, state, feed: StepFeed, clip_ids, plan, mesh, desc: str, t
 def _host_fed(programs, state, feed: StepFeed, clip_ids, plan, mesh, desc: str, train: bool, progress: bool):
     from tqdm.auto import tqdm
 
-    host = ((idx, mask, feed(clip_ids[local_rows(idx)[0]])) for idx, mask in plan)
+    host = ((idx, mask, feed(clip_ids[local_rows(mesh, idx)[0]])) for idx, mask in plan)
     totals, first_bad = jnp.zeros(3), jnp.asarray(-1)
     show = progress and is_main_process()
     with tqdm(total=len(plan), desc=desc, unit="batch", disable=not show, leave=False) as bar:
         for i, (idx, mask, x) in enumerate(prefetch(host)):
-            idx, mask = local_rows(idx, mask)
+            idx, mask = local_rows(mesh, idx, mask)
             y = feed.prep.y[clip_ids[idx]].astype(np.int32)
             batch = global_batch(mesh, {"x": x, "y": y, "mask": mask})
             if train:

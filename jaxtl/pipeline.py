@@ -207,7 +207,7 @@ def map_batches(fn: Callable, n: int, batch_size: int, mesh, rows_of: Callable, 
     Returns {name: (n, ...) array}."""
     import jax
 
-    host = ((idx, mask, rows_of(local_rows(idx)[0])) for idx, mask in batches(n, batch_size, mesh.size))
+    host = ((idx, mask, rows_of(local_rows(mesh, idx)[0])) for idx, mask in batches(n, batch_size, mesh.size))
     out: dict[str, np.ndarray] = {}
     for idx, mask, x in prefetch(host):
         result = jax.tree.map(to_host, fn(global_batch(mesh, x)))

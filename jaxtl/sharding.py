@@ -30,10 +30,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def local_rows(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-    """This process's contiguous share of each global-batch array (all of it in a one-process run)."""
-    n, i = jax.process_count(), jax.process_index()
-    return tuple(a[i * (len(a) // n):(i + 1) * (len(a) // n)] for a in arrays)
+def local_rows(mesh: Mesh, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """This process's rows of each global-batch array: the rows the batch sharding puts on its devices, in
+    the order `jax.make_array_from_process_local_data` takes them (all of them in a one-process run)."""
+    n = len(arrays[0])
+    held = batch_sharding(mesh).addressable_devices_indices_map((n,)).values()
+    spans = sorted({(s[0].start or 0, n if s[0].stop is None else s[0].stop) for s in held})
+    rows = np.concatenate([np.arange(start, stop) for start, stop in spans])
+    return tuple(a[rows] for a in arrays)
 
 
 def to_host(x) -> np.ndarray:
