@@ -170,7 +170,8 @@ def main() -> None:
                 row = {"size": size, "taps": taps, "protocol": protocol, "seed": seed, "fold": fold,
                        "val_accuracy": s["val_accuracy"], "test_accuracy": s["test_accuracy"],
                        "n_clips": s["n_train"] + s["n_val"] + s["n_test"], "epochs": s["epochs_run"],
-                       "prefix_seconds": s["stage_seconds"]["prefix"], "prefix_cold": (size, taps) not in sizes_done,
+                       "prefix_seconds": s["stage_seconds"]["features+prefix"],
+                       "prefix_cold": (size, taps) not in sizes_done,
                        "wall_seconds": s["wall_seconds"]}
                 sizes_done.add((size, taps))
                 done.append(row)

@@ -21,6 +21,7 @@ import numpy as np
 from jaxtl import images as imagelib
 from jaxtl.audio import REPRESENTATIONS, FeatureConfig
 from jaxtl.data import LAYOUTS, SPLITS
+from jaxtl.feed import INPUT_LAYOUTS
 from jaxtl.heads import HEADS
 from jaxtl.images import ImageSpec
 from jaxtl.model import BLOCK_END, N_CONV, Classifier
@@ -142,6 +143,11 @@ class TrainConfig:
     cache_dir: str | None = setting(".jaxtl_cache", "feature cache directory ('' to disable)")
     cache_prefix: bool = setting(True, "run the frozen prefix once per clip when inputs do not change")
     workers: int | None = setting(None, "feature extraction processes (default: all cores)")
+    stream_chunk: int = setting(2048, "clips whose features are extracted at a time, flowing into the frozen VGG16 "
+                                "pass (memory holds one chunk); 0: every feature first")
+    inputs: str = setting("auto", "where a head-only stage keeps its cached inputs: sharded over the devices, "
+                          "replicated on each, or fed from the host per batch; auto: sharded if a device's share fits "
+                          "in half its free memory, else host", choices=INPUT_LAYOUTS)
     keep_checkpoints: int = setting(2, "latest checkpoints kept")
     checkpoint_every: float = setting(30.0, "seconds between checkpoints inside a stage (0: after every epoch); "
                                             "a stage's last epoch is always saved")
@@ -181,6 +187,7 @@ class TrainConfig:
             (not self.vtlp or self.augment_copies, "--vtlp warps offline copies: give --augment-copies N too"),
             (self.mixup >= 0, "--mixup must not be negative"),
             (self.ensemble >= 1, "--ensemble must be at least 1"),
+            (self.stream_chunk >= 0, "--stream-chunk must be 0 (no streaming) or a number of clips"),
             (0 <= self.vtlp < 1 and (not self.vtlp or self.representation in ("logmel", "pcen")),
              "--vtlp warps mel bands: it needs --representation logmel or pcen and a value in [0, 1)"),
         ]

@@ -1,7 +1,8 @@
 """One pass over a set of clips, and the epoch-level control of training (early stopping, LR on plateau).
 
-A head-only stage on cached inputs runs a whole epoch as one device program over inputs kept on the
-devices; any other stage feeds one jitted step per batch, prepared on a host thread. The divergence
+Each pass follows `jaxtl.feed.epoch_plan`: every device takes its own clips. A head-only stage on cached
+inputs kept on the devices (`StepFeed.table`) runs a whole epoch as one device program; any other stage
+feeds one jitted step per batch, each process preparing its rows on a host thread. The divergence
 check stays on the device (no host sync per step) and stops the run before a non-finite state is saved.
 """
 
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtl.pipeline import StepFeed, batches, map_batches
-from jaxtl.sharding import global_batch, is_main_process, local_rows, prefetch
+from jaxtl.feed import StepFeed, epoch_plan, map_local
+from jaxtl.sharding import gather_rows, global_batch, is_main_process, local_rows, prefetch
 from jaxtl.steps import EvalPrograms, compile_time
 
 
@@ -43,11 +44,12 @@ def run_epoch(programs: EvalPrograms, state, feed: StepFeed, clip_ids: np.ndarra
     """One pass over `clip_ids` (shuffled by `rng` when training); returns (state, EpochResult)."""
     with compile_time() as compiled:
         t0 = time.perf_counter()
-        plan = list(batches(len(clip_ids), batch_size, mesh.size, np.random.default_rng(rng) if train else None))
-        if programs.scanned:
-            state, totals = _scanned(programs, state, feed, clip_ids, plan, mesh, desc, train)
+        idx, mask = epoch_plan(clip_ids, feed.owner, mesh.size, batch_size,
+                               np.random.default_rng(rng) if train else None)
+        if programs.scanned and feed.table is not None:
+            state, totals = _scanned(programs, state, feed, idx, mask, desc, train)
         else:
-            state, totals = _host_fed(programs, state, feed, clip_ids, plan, mesh, desc, train, progress)
+            state, totals = _host_fed(programs, state, feed, idx, mask, mesh, desc, train, progress)
         wall = time.perf_counter() - t0
     loss, acc = means(totals)
     return state, EpochResult(loss, acc, int(np.asarray(totals)[2]), wall - compiled[0], compiled[0])
@@ -55,17 +57,21 @@ def run_epoch(programs: EvalPrograms, state, feed: StepFeed, clip_ids: np.ndarra
 
 def class_logits(programs: EvalPrograms, state, feed: StepFeed, clip_ids: np.ndarray, batch_size: int, mesh,
                  desc: str, progress: bool = False) -> np.ndarray:
-    """Logits of every clip of `clip_ids` (one jitted evaluation per batch): what per-class scores need."""
+    """Logits of every clip of `clip_ids`, in every process: each process scores the clips it holds (one
+    jitted evaluation per batch), then the logits (not the inputs) are gathered."""
     from tqdm.auto import tqdm
 
-    def rows_of(rows):
-        return {"x": feed(clip_ids[rows]), "y": feed.prep.y[clip_ids[rows]].astype(np.int32),
-                "mask": np.ones(len(rows), np.float32)}
+    mine = clip_ids[feed.row[clip_ids] >= 0]
 
-    with tqdm(total=len(clip_ids), desc=desc, unit="clip", disable=not progress or not is_main_process(),
+    def rows_of(ids):
+        return {"x": feed(ids), "y": feed.y[ids].astype(np.int32), "mask": np.ones(len(ids), np.float32)}
+
+    with tqdm(total=len(mine), desc=desc, unit="clip", disable=not progress or not is_main_process(),
               leave=False) as bar:
-        return map_batches(lambda b: {"logits": programs.eval(state, b)[1]}, len(clip_ids), batch_size, mesh,
-                           rows_of, bar.update)["logits"]
+        logits = map_local(lambda b: {"logits": programs.eval(state, b)[1]}, mine, batch_size, mesh, rows_of,
+                           bar.update, fill=feed.own[0])["logits"]
+    ids, logits = gather_rows(mine, logits)
+    return logits[np.searchsorted(ids, clip_ids)]
 
 
 def mean_loss(logits: np.ndarray, y: np.ndarray) -> float:
@@ -74,12 +80,10 @@ def mean_loss(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.log(np.exp(z).sum(-1)) - z[np.arange(len(y)), y]))
 
 
-def _scanned(programs, state, feed: StepFeed, clip_ids, plan, mesh, desc: str, train: bool):
-    idx = np.stack([clip_ids[i] for i, _ in plan]).astype(np.int32)
-    mask = np.stack([m for _, m in plan])
+def _scanned(programs, state, feed: StepFeed, idx, mask, desc: str, train: bool):
     first = int(state.step)
     scan = programs.train_scan if train else programs.eval_scan
-    state, per_step = scan(state, feed.on_device(mesh), idx, mask)
+    state, per_step = scan(state, feed.table.arrays, feed.table.slot[idx].astype(np.int32), mask)
     per_step = np.asarray(per_step)
     bad = np.flatnonzero(~np.isfinite(per_step[:, 0]))
     if train and len(bad):
@@ -87,17 +91,15 @@ def _scanned(programs, state, feed: StepFeed, clip_ids, plan, mesh, desc: str, t
     return state, per_step.sum(0)
 
 
-def _host_fed(programs, state, feed: StepFeed, clip_ids, plan, mesh, desc: str, train: bool, progress: bool):
+def _host_fed(programs, state, feed: StepFeed, idx, mask, mesh, desc: str, train: bool, progress: bool):
     from tqdm.auto import tqdm
 
-    host = ((idx, mask, feed(clip_ids[local_rows(mesh, idx)[0]])) for idx, mask in plan)
+    host = ((ids, m, feed(ids)) for ids, m in (local_rows(mesh, i, m) for i, m in zip(idx, mask)))
     totals, first_bad = jnp.zeros(3), jnp.asarray(-1)
     show = progress and is_main_process()
-    with tqdm(total=len(plan), desc=desc, unit="batch", disable=not show, leave=False) as bar:
-        for i, (idx, mask, x) in enumerate(prefetch(host)):
-            idx, mask = local_rows(mesh, idx, mask)
-            y = feed.prep.y[clip_ids[idx]].astype(np.int32)
-            batch = global_batch(mesh, {"x": x, "y": y, "mask": mask})
+    with tqdm(total=len(idx), desc=desc, unit="batch", disable=not show, leave=False) as bar:
+        for i, (ids, m, x) in enumerate(prefetch(host)):
+            batch = global_batch(mesh, {"x": x, "y": feed.y[ids].astype(np.int32), "mask": m})
             if train:
                 state, metrics = programs.train(state, batch)
                 bad = ~jnp.isfinite(metrics[0]) & (first_bad < 0)
@@ -106,7 +108,7 @@ def _host_fed(programs, state, feed: StepFeed, clip_ids, plan, mesh, desc: str, 
                 metrics, _ = programs.eval(state, batch)
             totals = totals + metrics
             bar.update(1)
-            if show and (i % 10 == 0 or i == len(plan) - 1):
+            if show and (i % 10 == 0 or i == len(idx) - 1):
                 loss, acc = means(totals)
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
     if int(first_bad) >= 0:

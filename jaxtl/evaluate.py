@@ -43,7 +43,7 @@ def labelled_clips(restored: RestoredRun, run_dir: Path, data: str | None, on_ba
         if unknown:
             raise DataError(f"{data}: label {unknown[0]!r} is not one the run was trained on ({restored.classes})")
         paths, labels = ds.paths, ds.labels
-    feats, ok, errors, _ = usable_features(paths, cfg.features(), cfg.cache_dir or None, cfg.workers, progress,
+    feats, ok, errors = usable_features(paths, cfg.features(), cfg.cache_dir or None, cfg.workers, progress,
                                            on_bad_file)
     y = np.searchsorted(restored.classes, [labels[i] for i in ok])
     return RaggedFeatures.from_list(feats), y, errors, [file_key(paths[i]) for i in ok]

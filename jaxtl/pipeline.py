@@ -1,26 +1,29 @@
-"""The input pipeline: files -> features -> labelled, split clips -> batches a step eats.
+"""The input pipeline's first half: files -> labelled, split clips, each owned by one device -> features.
 
-`prepare` resolves the data, extracts features through the cache (process 0 first), applies the bad-file
-policy, splits, and appends offline augmentation copies of training clips. Batch plans cover every clip
-once, padding the last batch and masking the padding, so every step has one shape.
+`prepare` resolves the data, splits it, appends offline augmentation copies of training clips and gives
+every clip an owner: a mesh position (device), round-robin within each split, so each process holds a
+fixed, balanced share. Features are not extracted here: `ClipFeatures` gives them on demand through the
+feature cache, a chunk at a time, so the frozen-prefix pass can start on the first chunk and memory stays
+bounded by a chunk (`jaxtl.prefix`). Bad files found on the way are settled after extraction
+(`settle_bad_files`): one line that stops the run, or the clips dropped from their splits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from jaxtl.audio import BadAudio, FeatureConfig, Perturbation
-from jaxtl.cache import cached_features, file_key
+from jaxtl.cache import FeatureCache, cached_features, file_key
 from jaxtl.data import DEMO, DEMO_HOLDOUT, DataError, discover, fetch_fsdd, split_indices, subset, synthetic
-from jaxtl.images import ImageSpec, RaggedFeatures
-from jaxtl.sharding import barrier, global_batch, is_main_process, local_rows, prefetch, replicate, to_host
+from jaxtl.images import RaggedFeatures
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,10 @@ class DataSpec:
 @dataclass
 class Prepared:
     paths: list[str]  # per clip; an augmentation copy repeats its source's path
-    keys: list[str]  # per clip: identity of its audio (file, and perturbation for a copy)
-    feats: RaggedFeatures
+    keys: list[str | None]  # per clip this process owns: identity of its audio (None: unreadable; "" not owned)
+    features: ClipFeatures  # features of any clip, on demand, through the cache
+    owner: np.ndarray  # per clip: the mesh position (device) that holds it; -1 for clips of no split
+    own: np.ndarray  # the clips this process's devices own, increasing
     y: np.ndarray
     classes: list[str]
     train: np.ndarray
@@ -109,21 +114,57 @@ def resolve_data(data: str | None, cache_dir: str | None, log: Callable = print)
 
 
 def usable_features(paths: list[str], fc: FeatureConfig, cache_dir: str | None, workers: int | None,
-                    progress: bool, on_bad_file: str, perturb: list[Perturbation | None] | None = None):
-    """(features of the usable clips, their indices into `paths`, errors, (cache hits, misses)).
-
-    Process 0 fills the cache first, the others then read it. A bad file stops the run with one line
-    naming it (`on_bad_file="error"`), or is left out and returned among the errors (`"skip"`)."""
-    if not is_main_process():
-        barrier("features")
-    feats, errors, counts = cached_features(paths, fc, cache_dir or None, workers, progress and is_main_process(),
-                                            perturb)
-    if is_main_process():
-        barrier("features")
+                    progress: bool, on_bad_file: str):
+    """(features of the usable clips, their indices into `paths`, errors), all at once (evaluate, predict):
+    a bad file stops with one line naming it (`on_bad_file="error"`), or is left out and returned among the
+    errors (`"skip"`)."""
+    feats, errors, _ = cached_features(paths, fc, FeatureCache(cache_dir, fc) if cache_dir else None, workers,
+                                       progress)
     if errors and on_bad_file == "error":
         raise DataError(f"{errors[0]} (use --on-bad-file skip to go on without it)")
     ok = [i for i, f in enumerate(feats) if f is not None]
-    return [feats[i] for i in ok], ok, errors, counts
+    return [feats[i] for i in ok], ok, errors
+
+
+class ClipFeatures:
+    """Features of clips by id, extracted on demand through the feature cache (one index read per run)."""
+
+    def __init__(self, paths: list[str], perturbations: list[Perturbation | None], fc: FeatureConfig,
+                 cache_dir: str | None, workers: int | None):
+        self.paths, self.perturbations, self.fc, self.workers = paths, perturbations, fc, workers
+        self.cache = FeatureCache(cache_dir, fc) if cache_dir else None
+        self.counts = [0, 0]  # clips read from the cache, clips extracted
+
+    def __call__(self, ids: np.ndarray) -> tuple[RaggedFeatures, np.ndarray, list[BadAudio]]:
+        """(features of clips `ids`, a one-frame placeholder where a clip is bad; which are good; errors)."""
+        feats, errors, (hits, misses) = cached_features([self.paths[i] for i in ids], self.fc, self.cache,
+                                                        self.workers, False, [self.perturbations[i] for i in ids])
+        self.counts[0] += hits
+        self.counts[1] += misses
+        good = np.array([f is not None for f in feats], bool)
+        shape = next((f.shape[:-1] for f in feats if f is not None), (1,))
+        return RaggedFeatures.from_list([f if f is not None else np.zeros(shape + (1,), np.float32)
+                                         for f in feats]), good, errors
+
+    def describe(self) -> str:
+        return f"{sum(self.counts)} clips ({self.counts[0]} from cache, {self.counts[1]} computed)"
+
+
+def load_features(features: ClipFeatures, ids: np.ndarray, chunk: int, progress: bool = False
+                  ) -> tuple[RaggedFeatures, np.ndarray, list[BadAudio]]:
+    """`features(ids)` a chunk at a time (what a run that builds images in its steps keeps in memory)."""
+    from tqdm.auto import tqdm
+
+    parts, good, errors = [], [], []
+    step = max(chunk, 1) if chunk else max(len(ids), 1)
+    with tqdm(total=len(ids), desc="features", unit="clip", disable=not progress, leave=False) as bar:
+        for start in range(0, len(ids), step):
+            f, g, e = features(ids[start:start + step])
+            parts += [f.clip(i) for i in range(len(f))]
+            good.append(g)
+            errors += e
+            bar.update(len(g))
+    return RaggedFeatures.from_list(parts), np.concatenate(good) if good else np.zeros(0, bool), errors
 
 
 def augmentation_copies(paths: list[str], copies: int, pitch_shift: float, time_stretch: float, vtlp: float = 0.0
@@ -140,8 +181,9 @@ def augmentation_copies(paths: list[str], copies: int, pitch_shift: float, time_
     return out
 
 
-def prepare(spec: DataSpec, log: Callable = print) -> Prepared:
-    """Files -> features -> labels -> splits (+ augmentation copies of training clips)."""
+def prepare(spec: DataSpec, positions: int = 1, mine: tuple[int, ...] = (0,), log: Callable = print) -> Prepared:
+    """Files -> labels -> splits (+ augmentation copies of training clips) -> each clip's owner among
+    `positions` mesh positions; `mine` are this process's. No feature is extracted here."""
     source = resolve_data(spec.data, spec.cache_dir, log)
     ds = discover(source, spec.layout)
     classes = list(ds.encoder().classes_)
@@ -151,95 +193,51 @@ def prepare(spec: DataSpec, log: Callable = print) -> Prepared:
     bad = list(ds.bad)
     if bad and spec.on_bad_file == "error":
         raise DataError(f"{bad[0]} (use --on-bad-file skip to go on without it)")
-    feats, ok, errors, (hits, misses) = usable_features(paths, spec.features, spec.cache_dir, spec.workers,
-                                                        spec.progress, spec.on_bad_file)
-    log(f"features: {len(paths)} clips ({hits} from cache, {misses} computed) from {source} [{ds.layout}]")
-    paths = [paths[i] for i in ok]
-    y = y_all[keep][ok]
-    groups = [ds.groups[keep[i]] for i in ok]
-    given = [ds.splits[keep[i]] for i in ok]
+    y = y_all[keep]
+    groups = [ds.groups[i] for i in keep]
+    given = [ds.splits[i] for i in keep]
     holdout_group = spec.holdout_group
     if holdout_group == "auto":  # the demo reports a speaker it never heard beside its own test split
         holdout_group = DEMO_HOLDOUT if Path(source).resolve() == DEMO and spec.split == "stratified" else None
     train, val, test, holdout = split_indices(y, groups, given, spec.split, spec.test_size, spec.val_size,
                                               spec.seed, classes, spec.val_method, spec.test_group,
                                               spec.train_clips, spec.split_seed, holdout_group)
-    keys = [file_key(p) for p in paths]
     n_files = len(paths)
+    perturbations: list[Perturbation | None] = [None] * n_files
     if spec.augment_copies:
         copies = augmentation_copies([paths[i] for i in train], spec.augment_copies, spec.pitch_shift,
                                      spec.time_stretch, spec.vtlp)
         sources = [int(train[i]) for i, _ in copies]
-        extra, _, _, (hits, _) = usable_features([paths[i] for i in sources], spec.features, spec.cache_dir,
-                                                 spec.workers, spec.progress, "error", [p for _, p in copies])
-        log(f"augmentation: {len(copies)} pitch/tempo{'/vocal-tract' if spec.vtlp else ''} copies of training clips "
-            f"({hits} from cache)")
-        train = np.concatenate([train, len(paths) + np.arange(len(copies))])
-        keys += [file_key(paths[i], p) for i, (_, p) in zip(sources, copies)]
-        paths, feats, y = paths + [paths[i] for i in sources], feats + extra, np.concatenate([y, y[sources]])
-    return Prepared(paths, keys, RaggedFeatures.from_list(feats), y, classes, train, val, test, holdout,
-                    holdout_group or None, bad + errors, source, n_files, groups)
+        log(f"augmentation: {len(copies)} pitch/tempo{'/vocal-tract' if spec.vtlp else ''} copies of training clips")
+        train = np.concatenate([train, n_files + np.arange(len(copies))])
+        perturbations += [p for _, p in copies]
+        paths, y = paths + [paths[i] for i in sources], np.concatenate([y, y[sources]])
+    owner = np.full(len(paths), -1, np.int64)
+    for ids in (train, val, test, holdout):  # round-robin within each split: balanced shares of every split
+        owner[ids] = np.arange(len(ids)) % positions
+    own = np.flatnonzero(np.isin(owner, mine))
+    keys: list[str | None] = [""] * len(paths)
+    for i in own:
+        try:
+            keys[i] = file_key(paths[i], perturbations[i])
+        except OSError:
+            keys[i] = None  # unreadable: found bad when its features are asked for
+    return Prepared(paths, keys, ClipFeatures(paths, perturbations, spec.features, spec.cache_dir, spec.workers),
+                    owner, own, y, classes, train, val, test, holdout, holdout_group or None, bad, source, n_files,
+                    groups)
 
 
-def batches(n: int, batch_size: int, multiple: int, rng: np.random.Generator | None = None
-            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(indices, mask) batches covering 0..n-1 once; the last is padded to full size and masked."""
-    order = rng.permutation(n) if rng is not None else np.arange(n)
-    size = -(-batch_size // multiple) * multiple
-    for start in range(0, n, size):
-        idx = order[start:start + size]
-        mask = np.zeros(size, np.float32)
-        mask[:len(idx)] = 1.0
-        yield np.concatenate([idx, np.full(size - len(idx), idx[0])]), mask
-
-
-def even_batch_size(n: int, largest: int, multiple: int) -> int:
-    """The batch size that covers n rows in as few batches as `largest` allows with the least padding:
-    100 clips at 64 are two batches of 50, not 64 + 36 padded to 64 (a fifth of the work wasted)."""
-    n_batches = -(-n // largest)
-    rows = -(-n // n_batches)
-    return -(-rows // multiple) * multiple
-
-
-def map_batches(fn: Callable, n: int, batch_size: int, mesh, rows_of: Callable, progress=None) -> dict:
-    """`fn` (jitted; a dict of per-row outputs) over rows 0..n-1 in masked global batches built on a host
-    thread; each process feeds its share of every batch (`rows_of(ids)`) and receives every row.
-    Returns {name: (n, ...) array}."""
-    import jax
-
-    host = ((idx, mask, rows_of(local_rows(mesh, idx)[0])) for idx, mask in batches(n, batch_size, mesh.size))
-    out: dict[str, np.ndarray] = {}
-    for idx, mask, x in prefetch(host):
-        result = jax.tree.map(to_host, fn(global_batch(mesh, x)))
-        real = mask > 0
-        for name, a in result.items():
-            if name not in out:
-                out[name] = np.zeros((n,) + a.shape[1:], a.dtype)
-            out[name][idx[real]] = a[real]
-        if progress is not None:
-            progress(int(real.sum()))
-    return out
-
-
-def take(acts: dict, ids: np.ndarray) -> dict:
-    return {name: a[ids] for name, a in acts.items()}
-
-
-class StepFeed:
-    """What a stage's step eats for given clips: the cached split-point activations (`{"h", "taps"}`) when
-    the stage has them, else images built from the clips' features."""
-
-    def __init__(self, prep: Prepared, images: ImageSpec, acts: dict | None):
-        self.prep, self.images, self.acts = prep, images, acts
-        self._device = None
-
-    def on_device(self, mesh) -> dict:
-        """The cached activations and labels of every clip, replicated on the devices (moved once)."""
-        if self._device is None:
-            self._device = replicate(mesh, {"x": self.acts, "y": self.prep.y.astype(np.int32)})
-        return self._device
-
-    def __call__(self, clip_ids: np.ndarray):
-        if self.acts is not None:
-            return take(self.acts, clip_ids)
-        return self.images.batch(self.prep.feats, clip_ids)
+def settle_bad_files(prep: Prepared, bad: np.ndarray, errors: list[BadAudio], on_bad_file: str) -> Prepared:
+    """The run's clips without the bad ones (`bad`: every process's bad clip ids, `errors` naming them), or
+    one line that stops the run (`on_bad_file="error"`)."""
+    if not len(bad):
+        return prep
+    if on_bad_file == "error":
+        raise DataError(f"{errors[0]} (use --on-bad-file skip to go on without it)")
+    keep = [np.setdiff1d(ids, bad, assume_unique=True) if len(ids) else ids
+            for ids in (prep.train, prep.val, prep.test, prep.holdout)]
+    named = {e.path: e for e in prep.skipped}
+    for e in errors:  # an augmentation copy fails as its file does: named once
+        named.setdefault(e.path, e)
+    return dataclasses.replace(prep, train=keep[0], val=keep[1], test=keep[2], holdout=keep[3],
+                               skipped=list(named.values()))

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtl.cache import ActivationCache, fingerprint
+from jaxtl.feed import even_batch_size, iter_local, map_local, take
 from jaxtl.images import ImageSpec, RaggedFeatures
 from jaxtl.model import CONV_NAMES, Classifier
-from jaxtl.pipeline import even_batch_size, map_batches, take
-from jaxtl.sharding import is_main_process
+from jaxtl.sharding import all_counts, gather_rows, is_main_process, local_positions
 
 
 def _carried(out: dict) -> dict:
@@ -39,19 +39,47 @@ def prefix_batch_size(mesh) -> int:
     return PREFIX_BATCH.get(mesh.devices.flat[0].platform, PREFIX_BATCH["cpu"]) * mesh.size
 
 
-def compute_prefix(model: Classifier, params, feats: RaggedFeatures, ids: np.ndarray, k: int, images: ImageSpec,
-                   mesh, progress: bool = False) -> dict:
-    """Split-point inputs at k for the clips `ids` of `feats`, computed once (forward only, jitted)."""
+def compute_prefix(model: Classifier, params, features: Callable, ids: np.ndarray, k: int, images: ImageSpec,
+                   mesh, chunk: int = 0, progress: bool = False, done: Callable | None = None):
+    """Split-point inputs at k for this process's clips `ids`, computed once (forward only, jitted), streamed:
+    `features(chunk of ids)` gives (RaggedFeatures, good mask, errors) a chunk at a time (all at once when
+    `chunk` is 0) and the VGG16 pass starts on the first chunk, so memory holds one chunk of features.
+    `done(positions, their rows, which are good)` is called as each chunk is finished (to cache it: an
+    interrupted pass keeps what it did). Returns ({name: (len(ids), ...)}, bad clips' rows zero; which are
+    good; errors)."""
     from tqdm.auto import tqdm
 
     prefix = jax.jit(lambda p, x: _carried(model.apply({"params": p}, images.network_input(x), k,
                                                        method=Classifier.prefix)))
-    n = len(ids)
-    size = even_batch_size(n, prefix_batch_size(mesh), mesh.size)
-    with tqdm(total=n, desc="frozen prefix", unit="clip", disable=not progress or not is_main_process(),
-              leave=False) as bar:
-        return map_batches(lambda x: prefix(params, x), n, size, mesh, lambda rows: images.batch(feats, ids[rows]),
-                           bar.update)
+    share = mesh.size // len(local_positions(mesh))  # global rows per row a process feeds
+    largest = min(prefix_batch_size(mesh), chunk * share) if chunk else prefix_batch_size(mesh)
+    size = even_batch_size(max(int(all_counts(len(ids)).max()) * share, 1), largest, mesh.size)
+    local = size // share
+    chunk = -(-chunk // local) * local if chunk else max(len(ids), 1)
+    good, errors, loaded = np.zeros(len(ids), bool), [], {}
+    empty = RaggedFeatures.from_list([np.zeros((1, 1, 1), np.float32)])  # a process without clips feeds padding
+
+    def rows_of(rows):  # positions into `ids`; a chunk's features are loaded when its first batch is built
+        start = int(rows[0]) // chunk * chunk
+        if loaded.get("start") != start:
+            feats, ok, bad = features(ids[start:start + chunk]) if len(ids) else (empty, [], [])
+            good[start:start + len(ok)] = ok
+            errors.extend(bad)
+            loaded.update(start=start, feats=feats)
+        return images.batch(loaded["feats"], np.minimum(rows - start, len(loaded["feats"]) - 1))
+
+    out: dict[str, np.ndarray] = {}
+    with tqdm(total=len(ids), desc="features + frozen prefix", unit="clip",
+              disable=not progress or not is_main_process()) as bar:
+        last = max(len(ids) - 1, 0)  # a process that has run out repeats its last clip (of the chunk it holds)
+        for rows, result in iter_local(lambda x: prefix(params, x), np.arange(len(ids)), size, mesh, rows_of, last):
+            for name, a in result.items():
+                out.setdefault(name, np.zeros((len(ids),) + a.shape[1:], a.dtype))[rows] = a
+            bar.update(rows.stop - rows.start)
+            if done is not None and rows.stop > rows.start and (rows.stop % chunk == 0 or rows.stop == len(ids)):
+                pos = np.arange((rows.stop - 1) // chunk * chunk, rows.stop)
+                done(pos, take(out, pos), good[pos])
+    return out, good, errors
 
 
 def prefix_key(params, k: int, images: ImageSpec, feature_key: str, compute_dtype: str, taps: str,
@@ -68,41 +96,50 @@ def _band_norm_key(band_norm: str) -> list[str]:
     return [] if band_norm == "none" else ["band_norm"] if band_norm == "mean" else [f"band_norm={band_norm}"]
 
 
-def cached_prefix(model: Classifier, params, keys: list[str], feats: RaggedFeatures, k: int, images: ImageSpec,
-                  mesh, cache_dir: str | None, key: str, progress: bool = False,
-                  log: Callable = print) -> dict:
-    """`compute_prefix` of every clip (`keys` name their audio), reading and extending the disk cache."""
-    every = np.arange(len(keys))
-    if not cache_dir:
-        return finite(compute_prefix(model, params, feats, every, k, images, mesh, progress), keys)
-    store = ActivationCache(cache_dir, key)
-    found, out = store.read(keys)  # the rows of these clips only, into one array
+def cached_prefix(model: Classifier, params, clip_ids: np.ndarray, keys: list[str | None], features: Callable,
+                  k: int, images: ImageSpec, mesh, cache_dir: str | None, key: str, chunk: int = 0,
+                  progress: bool = False, log: Callable = print) -> tuple[dict, np.ndarray, list]:
+    """`compute_prefix` of this process's clips `clip_ids` (`keys` name their audio; None: unreadable): the
+    rows the disk cache holds are read, the others computed and appended a chunk at a time by the process
+    that owns them. Returns (rows, which are good, errors of the bad ones)."""
+    store = ActivationCache(cache_dir, key) if cache_dir else None
+    found, out = store.read(keys) if store else (np.zeros(len(keys), bool), None)
     missing = np.flatnonzero(~found)
-    if not len(missing):
+    if not int(all_counts(len(missing)).max()):
         log(f"frozen prefix: {len(keys)} clips from {store.path}")
-        return finite(out, keys)
+        return finite(out, keys), found, []
+
+    def done(pos, acts, ok):  # a finished chunk: checked, then cached
+        if store is not None and ok.any():
+            names = [keys[missing[i]] for i in pos[ok]]
+            store.add(names, finite(take(acts, np.flatnonzero(ok)), names))
+
     t = time.perf_counter()
-    new = finite(compute_prefix(model, params, feats, missing, k, images, mesh, progress), [keys[i] for i in missing])
+    computed, good, errors = compute_prefix(model, params, features, clip_ids[missing], k, images, mesh, chunk,
+                                            progress, done)
     secs = time.perf_counter() - t
-    log(f"frozen prefix: {len(missing)} clips in {secs:.1f}s ({len(missing) / secs:.1f} clips/s), "
-        f"{len(keys) - len(missing)} from {store.path}")
-    if out is None:
-        out = {name: np.zeros((len(keys),) + a.shape[1:], a.dtype) for name, a in new.items()}
-    for name, a in new.items():
-        out[name][missing] = a
-    if is_main_process():
-        store.add([keys[i] for i in missing], new)
-    return finite(out, keys)  # the cached rows too: an older version may have stored non-finite ones
+    log(f"frozen prefix: {len(missing)} clips in {secs:.1f}s ({len(missing) / max(secs, 1e-9):.1f} clips/s), "
+        f"{len(keys) - len(missing)} from {store.path if store else 'no cache'}")
+    if out is None or len(missing) == len(keys):
+        out = computed  # a fresh cache: the computed rows are the whole table (one copy)
+    else:
+        for name, a in computed.items():
+            out[name][missing] = a
+    found[missing] = good
+    return finite(out, keys), found, errors
 
 
-def finite(acts: dict, keys: list[str]) -> dict:
+def finite(acts: dict, keys: list) -> dict:
     """`acts` if every value is finite; else a one-line error, before anything is cached or trained on
-    (XLA:CPU in jax 0.11 gives non-finite bfloat16 VGG16 outputs under jit)."""
-    bad = np.zeros(len(keys), bool)
+    (XLA:CPU in jax 0.11 gives non-finite bfloat16 VGG16 outputs under jit). Checked a block of rows at a
+    time: no temporary the size of the table."""
+    bad = 0
     for a in acts.values():
-        bad |= ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
-    if bad.any():
-        raise FloatingPointError(f"the frozen VGG16 pass gave non-finite outputs for {int(bad.sum())} of {len(keys)} "
+        for start in range(0, len(a), 4096):
+            block = a[start:start + 4096]
+            bad += int((~np.isfinite(block.reshape(len(block), -1)).all(axis=1)).sum())
+    if bad:
+        raise FloatingPointError(f"the frozen VGG16 pass gave non-finite outputs for {bad} of {len(keys)} "
                                  "clips; nothing was cached or trained on (with --dtype bfloat16 on a CPU this is "
                                  "XLA:CPU's bfloat16 convolution: use --dtype float32)")
     return acts
@@ -118,18 +155,27 @@ def advance(model: Classifier, params, acts: dict, k_from: int, k_to: int, batch
 
 
 def fit_normalizer(head_inputs: np.ndarray) -> dict:
-    """Per-feature mean and inverse std; the std floor keeps dead features (all zeros) harmless."""
-    mean = head_inputs.mean(0)
-    std = head_inputs.std(0)
+    """Per-feature mean and inverse std over every process's rows (each passes its own: their counts, means
+    and squared deviations are pooled, not the rows); the std floor keeps dead features (all zeros) harmless."""
+    n = len(head_inputs)
+    mean = head_inputs.mean(0) if n else np.zeros(head_inputs.shape[1:], np.float32)
+    m2 = ((head_inputs - mean) ** 2).sum(0)
+    _, every = gather_rows(np.array([jax.process_index()]), np.concatenate([[n], mean, m2])[None].astype(np.float32))
+    if len(every) > 1:  # Chan et al.'s pooled mean and variance
+        counts, means, m2s = every[:, :1], every[:, 1:1 + mean.size], every[:, 1 + mean.size:]
+        mean = (counts * means).sum(0) / counts.sum()
+        m2 = (m2s + counts * (means - mean) ** 2).sum(0)
+        n = counts.sum()
+    std = np.sqrt(m2 / max(n, 1))
     scale = 1.0 / (std + 1e-2 * std.mean() + 1e-12)
     return {"head": {"mean": jnp.asarray(mean, jnp.float32), "scale": jnp.asarray(scale, jnp.float32)}}
 
 
 def head_input_statistics(model: Classifier, params, feed, ids: np.ndarray, k: int, cached: bool,
                           images: ImageSpec, batch_size: int, mesh) -> dict:
-    """`fit_normalizer` over the head inputs of clips `ids` (the training split), with the params training
-    starts from; `feed(ids)` gives the cached activations at k, or images."""
+    """`fit_normalizer` over the head inputs of this process's clips `ids` (its training clips), with the
+    params training starts from; `feed(ids)` gives the cached activations at k, or images."""
     fn = jax.jit(lambda p, x: {"h": model.apply({"params": p}, x if cached else images.network_input(x),
                                                 k if cached else 0, method=Classifier.head_inputs)})
-    rows = map_batches(lambda x: fn(params, x), len(ids), batch_size, mesh, lambda r: feed(ids[r]))
+    rows = map_local(lambda x: fn(params, x), ids, batch_size, mesh, feed, fill=feed.own[0])
     return fit_normalizer(rows["h"])

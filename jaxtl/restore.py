@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from jaxtl.checkpoint import CheckpointError, Checkpoints
 from jaxtl.config import TrainConfig, load_config, saved_config
+from jaxtl.feed import map_local, take
 from jaxtl.images import RaggedFeatures
 from jaxtl.model import Classifier
-from jaxtl.pipeline import map_batches, take
 from jaxtl.prefix import cached_prefix
 from jaxtl.sharding import make_mesh
 from jaxtl.steps import use_compile_cache
@@ -70,15 +70,20 @@ def predict_logits(restored: RestoredRun, feats: RaggedFeatures, keys: list[str]
     n = len(feats)
     if keys is not None and cfg.cache_dir and split.cached:
         params = restored.variables["params"]
-        acts = cached_prefix(model, params, keys, feats, split.k, images, mesh, cfg.cache_dir,
-                             cfg.prefix_cache_key(params, split.k), progress, log=lambda *_: None)
+        def features(ids):
+            return feats.subset(ids), np.ones(len(ids), bool), []
+
+        acts, _, _ = cached_prefix(model, params, np.arange(n), keys, features, split.k, images, mesh, cfg.cache_dir,
+                                   cfg.prefix_cache_key(params, split.k),
+                                   progress=progress, log=lambda *_: None)
         fn = jax.jit(lambda v, x: {"logits": model.apply(v, x, start=split.k)})
         rows_of = lambda ids: take(acts, ids)  # noqa: E731
     else:
         fn = jax.jit(lambda v, x: {"logits": model.apply(v, images.network_input(x))})
         rows_of = lambda ids: images.batch(feats, ids)  # noqa: E731
     with tqdm(total=n, desc="predict", unit="clip", disable=not progress, leave=False) as bar:
-        return map_batches(lambda x: fn(restored.variables, x), n, batch_size, mesh, rows_of, bar.update)["logits"]
+        return map_local(lambda x: fn(restored.variables, x), np.arange(n), batch_size, mesh, rows_of,
+                         bar.update)["logits"]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

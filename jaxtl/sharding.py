@@ -40,13 +40,58 @@ def local_rows(mesh: Mesh, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(a[rows] for a in arrays)
 
 
-def to_host(x) -> np.ndarray:
-    """A batch-sharded global array as one numpy array on every process."""
+def local_positions(mesh: Mesh) -> list[int]:
+    """The mesh positions (along `data`) of this process's devices."""
+    return [d for d, device in enumerate(mesh.devices.flat) if device.process_index == jax.process_index()]
+
+
+def local_part(x) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order (what it fed in)."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    starts, parts = set(), []
+    for s in shards:  # a replicated output has one copy per device: keep one per row span
+        if (s.index[0].start or 0) not in starts:
+            starts.add(s.index[0].start or 0)
+            parts.append(np.asarray(s.data))
+    return np.concatenate(parts)
+
+
+def all_counts(n: int) -> np.ndarray:
+    """Every process's `n` (a count of rows: how many global batches a pass needs)."""
     if jax.process_count() == 1:
-        return np.asarray(x)
+        return np.array([n])
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(multihost_utils.process_allgather(np.array([n], np.int32))).reshape(-1)
+
+
+def gather_rows(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(every process's `ids`, their `rows`), sorted by id, in every process: for small per-clip results
+    (logits, a bad-file flag, pooled head inputs for a closed-form head), never for activations."""
+    if jax.process_count() == 1:
+        order = np.argsort(ids, kind="stable")
+        return ids[order], rows[order]
+    from jax.experimental import multihost_utils
+
+    counts = all_counts(len(ids))
+    width = int(counts.max())
+    pad = lambda a: np.concatenate([a, np.zeros((width - len(a),) + a.shape[1:], a.dtype)])  # noqa: E731
+    every_id = np.asarray(multihost_utils.process_allgather(pad(ids.astype(np.int32))))
+    every_row = np.asarray(multihost_utils.process_allgather(pad(rows)))
+    all_ids = np.concatenate([every_id[p, :c] for p, c in enumerate(counts)])
+    all_rows = np.concatenate([every_row[p, :c] for p, c in enumerate(counts)])
+    order = np.argsort(all_ids, kind="stable")
+    return all_ids[order].astype(np.int64), all_rows[order]
+
+
+def gather_strings(lines: list[str]) -> list[str]:
+    """Every process's `lines` (process 0's first), in every process."""
+    if jax.process_count() == 1:
+        return list(lines)
+    data = np.frombuffer("".join(line + "\n" for line in lines).encode(), np.uint8)
+    _, got = gather_rows(np.full(len(data), jax.process_index()), data)
+    text = bytes(got.astype(np.uint8)).decode(errors="replace")
+    return [line for line in text.split("\n") if line]
 
 
 def is_main_process() -> bool:

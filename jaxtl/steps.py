@@ -210,13 +210,18 @@ def eval_step(state: TrainState, batch, *, model, split: SplitPoint, preprocess:
     return loss_and_metrics(logits, batch["y"], batch["mask"])[1], logits
 
 
-def scan_epoch(step, state, data, idx, mask, *, sharding, train: bool):
-    """Every batch of an epoch as one device program, gathering batches from inputs kept on the device."""
+def scan_epoch(step, state, data, idx, mask, *, mesh, sharded: bool, train: bool):
+    """Every batch of an epoch as one device program, each device gathering its rows of a batch from the
+    inputs it holds: its own share (`sharded`: `idx` are rows of that share) or every row (replicated)."""
+    from jax.sharding import PartitionSpec as P
+
+    gather = jax.shard_map(lambda table, i: jax.tree.map(lambda a: a[i], table), mesh=mesh,
+                           in_specs=(P("data") if sharded else P(), P("data")), out_specs=P("data"))
 
     def body(state, batch_rows):
         i, m = batch_rows
-        batch = {"x": jax.tree.map(lambda a: a[i], data["x"]), "y": data["y"][i], "mask": m}
-        batch = jax.lax.with_sharding_constraint(batch, sharding)
+        rows = gather(data, i)
+        batch = {"x": rows["x"], "y": rows["y"], "mask": m}
         if train:
             return step(state, batch)
         return state, step(state, batch)[0]
@@ -228,7 +233,7 @@ class EvalPrograms:
     """The jitted evaluation programs at one split point: per batch, and (head alone on cached inputs) a
     whole pass as one `lax.scan`."""
 
-    def __init__(self, model: Classifier, split: SplitPoint, preprocess: str, mesh):
+    def __init__(self, model: Classifier, split: SplitPoint, preprocess: str, mesh, sharded: bool = True):
         # A step that holds convolutions stays one program per batch: XLA:CPU runs convolutions inside a
         # loop body about 90x slower (block 5 fine-tuning, 112x112, 2 steps of 32: 65 s scanned, 0.72 s
         # as two calls). Head-only steps are scanned: no host round trip per step, which costs more
@@ -237,19 +242,19 @@ class EvalPrograms:
         self.sharding = batch_sharding(mesh)
         evaluate = functools.partial(eval_step, model=model, split=split, preprocess=preprocess)
         self.eval = jax.jit(evaluate)
-        self.eval_scan = jax.jit(functools.partial(scan_epoch, evaluate, sharding=self.sharding, train=False))
+        self.eval_scan = jax.jit(functools.partial(scan_epoch, evaluate, mesh=mesh, sharded=sharded, train=False))
 
 
 class TrainPrograms(EvalPrograms):
     """A training stage's jitted programs: its evaluation programs plus the train step (and scanned epoch)."""
 
     def __init__(self, model: Classifier, split: SplitPoint, preprocess: str, mesh, augment: Augment, tx, rng,
-                 mixup: float = 0.0):
-        super().__init__(model, split, preprocess, mesh)
+                 mixup: float = 0.0, sharded: bool = True):
+        super().__init__(model, split, preprocess, mesh, sharded)
         train = functools.partial(train_step, rng=rng, model=model, split=split, augment=augment,
                                   preprocess=preprocess, tx=tx, mixup=mixup)
         self.train = jax.jit(train)
-        self.train_scan = jax.jit(functools.partial(scan_epoch, train, sharding=self.sharding, train=True))
+        self.train_scan = jax.jit(functools.partial(scan_epoch, train, mesh=mesh, sharded=sharded, train=True))
 
 
 def use_compile_cache(cache_dir: str | None) -> None:

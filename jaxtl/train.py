@@ -18,14 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtl.audio import BadAudio
 from jaxtl.cache import fingerprint
 from jaxtl.checkpoint import CheckpointError, Checkpoints
 from jaxtl.config import ConfigError, TrainConfig, config_from_args
 from jaxtl.data import DataError
 from jaxtl.ensemble import train_ensemble
 from jaxtl.epochs import EpochBar, Plateau, class_logits, mean_loss, run_epoch
+from jaxtl.feed import StepFeed
 from jaxtl.heads import with_fitted_head
-from jaxtl.pipeline import StepFeed, prepare
+from jaxtl.pipeline import load_features, prepare, settle_bad_files
 from jaxtl.prefix import advance, cached_prefix, head_input_statistics
 from jaxtl.report import EVALUATION, save_confusion_png, scores, write_report
 from jaxtl.rundir import (
@@ -43,8 +45,11 @@ from jaxtl.sharding import (
     ProcessMismatch,
     barrier,
     check_same_everywhere,
+    gather_rows,
+    gather_strings,
     initialize_distributed,
     is_main_process,
+    local_positions,
     make_mesh,
     process_0_decides,
     process_0s,
@@ -95,19 +100,15 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
         write_json(out / "config.json", dataclasses.asdict(cfg))
     base_vars, weights_source, weights_digest = resolve_run_weights(cfg.mode, cfg.weights, notice)
     mesh = make_mesh()
+    if cfg.inputs == "replicated" and jax.process_count() > 1:
+        raise ConfigError("--inputs replicated holds every clip on every device, which a process of several does "
+                          "not have: use --inputs sharded or auto")
 
-    # ---------------------------------------------------------------- data: files -> features -> splits
+    # ---------------------------------------------------------------- data: files -> splits -> each device's share
     seconds = {"setup": time.perf_counter() - t_start}
     t = time.perf_counter()
-    prep = prepare(cfg.data_spec(), log)
-    seconds["features"] = time.perf_counter() - t
-    record = split_record(prep)
-    if cfg.resume and (out / "split.json").is_file():
-        check_same_split(record, out)
-    if main_process:
-        write_json(out / "split.json", record)
-        if prep.skipped:
-            write_skipped(out, prep.skipped)
+    prep = prepare(cfg.data_spec(), mesh.size, tuple(local_positions(mesh)), log)
+    seconds["split"] = time.perf_counter() - t
     if cfg.mode == "auto":  # the mode and head measured best for this much data (jaxtl.config.AUTO)
         cfg, why = cfg.resolve_auto(int(np.sum(prep.train < prep.n_files)) + len(prep.val), len(prep.classes))
         log(f"--mode auto: {why}")
@@ -142,20 +143,36 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     history = [h for h in read_metrics(out) if (h["stage"], h["epoch"]) < (start_stage, start_epoch)] \
         if resumed is not None else []
 
-    # ---------------------------------------------------------------- the frozen prefix, once per clip
-    seconds["model"], acts, t = time.perf_counter() - t, None, time.perf_counter()
-    if prefix_split.cached:
-        acts = cached_prefix(model, params, prep.keys, prep.feats, prefix_split.k, images, mesh,
-                             cfg.cache_dir, cfg.prefix_cache_key(params, prefix_split.k), cfg.progress, log)
-    seconds["prefix"] = time.perf_counter() - t
+    # ---------------------------------------------------------------- features -> the frozen prefix, streamed
+    seconds["model"], acts, feats, t = time.perf_counter() - t, None, None, time.perf_counter()
+    own = prep.own
+    if prefix_split.cached:  # each process: its own clips, a chunk of features at a time into the VGG16 pass
+        acts, good, errors = cached_prefix(model, params, own, [prep.keys[i] for i in own], prep.features,
+                                           prefix_split.k, images, mesh, cfg.cache_dir,
+                                           cfg.prefix_cache_key(params, prefix_split.k), cfg.stream_chunk,
+                                           cfg.progress, log)
+    else:  # images are built in the steps: the process keeps its clips' features
+        feats, good, errors = load_features(prep.features, own, cfg.stream_chunk, cfg.progress and main_process)
+    log(f"features: {prep.features.describe()} in this process, from {prep.data_source}")
+    seconds["features+prefix"] = time.perf_counter() - t
+    prep = settle_bad_files(prep, gather_rows(own[~good], np.zeros(int((~good).sum()), np.int8))[0],
+                            [BadAudio(*line.split("\t", 1)) for line in
+                             gather_strings([f"{e.path}\t{e.reason}" for e in errors])], cfg.on_bad_file)
+    record = split_record(prep)
+    if cfg.resume and (out / "split.json").is_file():
+        check_same_split(record, out)
+    if main_process:
+        write_json(out / "split.json", record)
+        if prep.skipped:
+            write_skipped(out, prep.skipped)
     log(f"data: {len(prep.train)} train / {len(prep.val)} val / {len(prep.test)} test clips, "
         f"{len(prep.classes)} classes; mode {cfg.mode}; prefix {'cached' if prefix_split.cached else 'in the step'}; "
-        f"{mesh.size} device(s), {jax.process_count()} process(es)")
+        f"{mesh.size} device(s), {jax.process_count()} process(es), {len(own)} clips held here")
 
     def feed_at(k: int) -> StepFeed:  # a later split's input is one cheap suffix pass over the cached one
         at_k = acts if acts is None or k == prefix_split.k else advance(model, params, acts, prefix_split.k, k,
                                                                         cfg.batch_size)
-        return StepFeed(prep, images, at_k)
+        return StepFeed(prep.y, own, prep.owner, images, at_k, feats)
 
     # ---------------------------------------------------------------- stages and epochs
     rng = jax.random.PRNGKey(cfg.training_seed)
@@ -164,12 +181,16 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
         if stage_index < start_stage:
             continue
         feed = feed_at(stage.split.k)
+        if stage.split.cached and stage.split.head_only:  # scanned epochs: the inputs stay on the devices
+            feed.put_on_devices(mesh, cfg.inputs, log)
         tx = stage.optimizer.transform(stage.split.labels(params))
+        my_train = prep.train[feed.row[prep.train] >= 0]
         if cfg.normalize and stage_index == 0 and resumed is None:
-            norm = head_input_statistics(model, params, feed, prep.train, stage.split.k, stage.split.cached, images,
+            norm = head_input_statistics(model, params, feed, my_train, stage.split.k, stage.split.cached, images,
                                          cfg.batch_size, mesh)
         if cfg.head != "dense" and resumed is None:  # a closed-form head on the cached head inputs (frozen only)
-            params, chosen = with_fitted_head(params, norm, acts["taps"][prep.train], prep.y[prep.train],
+            ids, taps = gather_rows(my_train, acts["taps"][feed.row[my_train]])  # pooled head inputs, not activations
+            params, chosen = with_fitted_head(params, norm, taps[np.searchsorted(ids, prep.train)], prep.y[prep.train],
                                               len(prep.classes), cfg.head, prep.clip_groups(prep.train),
                                               cfg.training_seed)
             params = {**params, "head": process_0s(params["head"])}
@@ -185,7 +206,8 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
                 notice(f"warning: {e}; the best model so far is taken from the resumed state")
         state = replicate(mesh, state)
         best_params = best_params if best_params is not None else state.params
-        programs = TrainPrograms(model, stage.split, cfg.preprocess, mesh, cfg.augment(), tx, rng, cfg.mixup)
+        programs = TrainPrograms(model, stage.split, cfg.preprocess, mesh, cfg.augment(), tx, rng, cfg.mixup,
+                                 feed.table is None or feed.table.sharded)
         first = start_epoch if (resumed is not None and stage_index == start_stage) else 0
         bar = EpochBar(stage.epochs, first, f"stage {stage_index + 1}/{len(stages)}",
                        cfg.verbose == 1 and main_process)

@@ -61,6 +61,11 @@ def weights_file(path) -> Path:
     return Path(path)
 
 
+def all_features(prep):
+    """Every clip's features of a prepared run (what the pipeline extracts on demand), in clip order."""
+    return prep.features(np.arange(len(prep.y)))[0]
+
+
 def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))

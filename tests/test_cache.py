@@ -10,6 +10,15 @@ from jaxtl.audio import FeatureConfig
 from jaxtl.cache import FeatureCache, cached_features
 
 
+def features(paths, cfg, directory, **kw):
+    return cached_features(paths, cfg, FeatureCache(directory, cfg), **kw)
+
+
+def everything(cache: FeatureCache) -> dict:
+    """Every clip a feature cache holds, read back."""
+    return cache.read(list(cache.shards.index(refresh=True)))
+
+
 @pytest.fixture
 def clips(tmp_path):
     return [str(write_tone(tmp_path / "audio" / f"{i}.wav", seconds=0.2 + 0.05 * i, freq=300 + 40 * i))
@@ -18,32 +27,32 @@ def clips(tmp_path):
 
 def test_hit_after_miss_and_same_features(tmp_path, clips):
     cfg = FeatureConfig()
-    first, _, (hits, misses) = cached_features(clips, cfg, tmp_path / "c", workers=1, progress=False)
+    first, _, (hits, misses) = features(clips, cfg, tmp_path / "c", workers=1, progress=False)
     assert (hits, misses) == (0, 5)
-    second, _, (hits, misses) = cached_features(clips, cfg, tmp_path / "c", workers=1, progress=False)
+    second, _, (hits, misses) = features(clips, cfg, tmp_path / "c", workers=1, progress=False)
     assert (hits, misses) == (5, 0)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
 
 
 def test_second_run_does_no_audio_work(tmp_path, clips, monkeypatch):
-    cached_features(clips, FeatureConfig(), tmp_path / "c", workers=1, progress=False)
+    features(clips, FeatureConfig(), tmp_path / "c", workers=1, progress=False)
 
     def boom(*a, **k):
         raise AssertionError("audio was decoded on a warm cache")
 
     monkeypatch.setattr(cachelib, "extract", boom)
-    cached_features(clips, FeatureConfig(), tmp_path / "c", workers=1, progress=False)
+    features(clips, FeatureConfig(), tmp_path / "c", workers=1, progress=False)
 
 
 def test_changed_setting_or_file_is_recomputed(tmp_path, clips):
-    cached_features(clips, FeatureConfig(), tmp_path / "c", workers=1, progress=False)
-    _, _, (hits, misses) = cached_features(clips, FeatureConfig(n_mfcc=20), tmp_path / "c", workers=1,
+    features(clips, FeatureConfig(), tmp_path / "c", workers=1, progress=False)
+    _, _, (hits, misses) = features(clips, FeatureConfig(n_mfcc=20), tmp_path / "c", workers=1,
                                            progress=False)
     assert (hits, misses) == (0, 5)
     write_tone(clips[2], seconds=0.9, freq=1000)
     os.utime(clips[2], ns=(1, 1))  # a different mtime, even on coarse clocks
-    feats, _, (hits, misses) = cached_features(clips, FeatureConfig(), tmp_path / "c", workers=1,
+    feats, _, (hits, misses) = features(clips, FeatureConfig(), tmp_path / "c", workers=1,
                                                progress=False)
     assert (hits, misses) == (4, 1)
     assert feats[2].shape[-1] > feats[1].shape[-1]
@@ -51,9 +60,9 @@ def test_changed_setting_or_file_is_recomputed(tmp_path, clips):
 
 def test_crash_mid_write_keeps_the_old_cache(tmp_path, clips, monkeypatch):
     cfg = FeatureConfig()
-    cached_features(clips[:3], cfg, tmp_path / "c", workers=1, progress=False)
+    features(clips[:3], cfg, tmp_path / "c", workers=1, progress=False)
     cache = FeatureCache(tmp_path / "c", cfg)
-    before = cache.load()
+    before = everything(cache)
     assert len(before) == 3
 
     def crash(self):  # the new file's data is written, its `complete` mark and the rename are not
@@ -61,23 +70,24 @@ def test_crash_mid_write_keeps_the_old_cache(tmp_path, clips, monkeypatch):
 
     monkeypatch.setattr(cachelib.h5py.File, "flush", crash)
     with pytest.raises(KeyboardInterrupt):
-        cached_features(clips, cfg, tmp_path / "c", workers=1, progress=False)
+        features(clips, cfg, tmp_path / "c", workers=1, progress=False)
     monkeypatch.undo()
-    after = cache.load()
+    after = everything(cache)
     assert sorted(after) == sorted(before)
-    assert not list((tmp_path / "c").glob("*.tmp"))
+    assert not list((tmp_path / "c").rglob("*.tmp"))
 
 
 def test_file_without_complete_mark_reads_as_empty(tmp_path, clips):
     cfg = FeatureConfig()
-    cached_features(clips, cfg, tmp_path / "c", workers=1, progress=False)
+    features(clips, cfg, tmp_path / "c", workers=1, progress=False)
     cache = FeatureCache(tmp_path / "c", cfg)
-    with h5py.File(cache.path, "a") as f:
+    (shard,) = cache.shards.files()
+    with h5py.File(shard, "a") as f:
         del f.attrs["complete"]
-    assert cache.load() == {}
-    cache.path.write_bytes(b"garbage")
-    assert cache.load() == {}
-    _, _, (hits, misses) = cached_features(clips, cfg, tmp_path / "c", workers=1, progress=False)
+    assert everything(cache) == {}
+    shard.write_bytes(b"garbage")
+    assert everything(cache) == {}
+    _, _, (hits, misses) = features(clips, cfg, tmp_path / "c", workers=1, progress=False)
     assert (hits, misses) == (0, 5)
 
 
@@ -90,10 +100,10 @@ def test_a_clip_overwritten_with_its_old_size_and_mtime_is_recomputed(tmp_path):
     os.utime(a, ns=(10**18, 10**18))
     os.utime(b, ns=(10**18, 10**18))
     cfg = FeatureConfig()
-    (before,), _, _ = cached_features([str(a)], cfg, tmp_path / "c", workers=1, progress=False)
+    (before,), _, _ = features([str(a)], cfg, tmp_path / "c", workers=1, progress=False)
     subprocess.run(["cp", "-p", str(b), str(a)], check=True)
     assert os.stat(a).st_size == os.stat(b).st_size and os.stat(a).st_mtime_ns == 10**18
-    (after,), _, (hits, misses) = cached_features([str(a)], cfg, tmp_path / "c", workers=1, progress=False)
+    (after,), _, (hits, misses) = features([str(a)], cfg, tmp_path / "c", workers=1, progress=False)
     (want,), _, _ = cached_features([str(b)], cfg, None, workers=1, progress=False)
     assert (hits, misses) == (0, 1)
     np.testing.assert_array_equal(after, want)
@@ -112,21 +122,21 @@ def test_feature_code_and_library_versions_key_the_cache(monkeypatch):
 
 
 def test_runs_sharing_a_cache_keep_each_others_entries(tmp_path, clips):
-    """Two runs that read the cache before either wrote: each write merges into the file as it is then (the
-    lock around that read-merge-write is what keeps two writers at once from interleaving; not exercised here)."""
+    """Two runs that read the cache before either wrote: each appends a shard of what no shard holds then (the
+    lock around that read-append is what keeps two writers at once from interleaving; not exercised here)."""
     cfg = FeatureConfig()
     first, second = FeatureCache(tmp_path / "c", cfg), FeatureCache(tmp_path / "c", cfg)
     feats, _ = cachelib.extract(clips, cfg, workers=1, progress=False)
-    assert first.load() == {} and second.load() == {}
+    assert everything(first) == {} and everything(second) == {}
     first.add({"a": feats[0]})
     second.add({"b": feats[1]})
-    assert sorted(FeatureCache(tmp_path / "c", cfg).load()) == ["a", "b"]
+    assert sorted(everything(FeatureCache(tmp_path / "c", cfg))) == ["a", "b"]
     acts = {"taps": np.arange(6.0, dtype=np.float32).reshape(3, 2)}
     one, other = cachelib.ActivationCache(tmp_path / "c", "k"), cachelib.ActivationCache(tmp_path / "c", "k")
     one.add(["x", "y"], {"taps": acts["taps"][:2]})
     other.add(["y", "z"], {"taps": acts["taps"][1:]})
     found, stored = cachelib.ActivationCache(tmp_path / "c", "k").read(["x", "y", "z"])
-    assert found.all() and len(one.shards()) == 2  # the second writer added z alone
+    assert found.all() and len(one.shards.files()) == 2  # the second writer added z alone
     np.testing.assert_array_equal(stored["taps"], acts["taps"])
 
 
@@ -141,10 +151,10 @@ def test_appending_to_the_prefix_cache_rewrites_no_old_row_and_reads_only_the_ro
     assert empty.read([f"e{i}" for i in range(20)])[1]["none"].shape == (20, 0)
     store = cachelib.ActivationCache(tmp_path, "k")
     store.add(keys[:5], {n: a[:5] for n, a in acts.items()})
-    (first,) = store.shards()
+    (first,) = store.shards.files()
     before = first.read_bytes()
     store.add(keys[3:], {n: a[3:] for n, a in acts.items()})  # 2 clips it has, 3 new ones
-    shards = store.shards()
+    shards = store.shards.files()
     assert shards[0] == first and first.read_bytes() == before  # old rows byte-identical, the file untouched
     with h5py.File(shards[1], "r") as f:
         assert [k.decode() for k in f["keys"][:]] == keys[5:] and len(f["acts/taps"]) == 3  # the new rows only
@@ -159,7 +169,7 @@ def test_appending_to_the_prefix_cache_rewrites_no_old_row_and_reads_only_the_ro
     np.testing.assert_array_equal(rows["taps"], acts["taps"])
     with h5py.File(shards[1], "r+") as f:  # a shard whose write never completed reads as absent
         del f.attrs["complete"]
-    assert store.read(["clip6", "clip1"])[0].tolist() == [False, True]
+    assert cachelib.ActivationCache(tmp_path, "k").read(["clip6", "clip1"])[0].tolist() == [False, True]
 
 
 def test_a_jaxtl_0_2_prefix_cache_file_is_read_as_the_first_shard(tmp_path):
@@ -172,4 +182,23 @@ def test_a_jaxtl_0_2_prefix_cache_file_is_read_as_the_first_shard(tmp_path):
     found, rows = store.read(["b", "c"])
     assert found.tolist() == [True, False] and rows["taps"][0].tolist() == [3.0, 4.0]
     store.add(["b", "c"], {"taps": np.array([[3.0, 4.0], [5.0, 6.0]], np.float32)})
-    assert store.read(["a", "b", "c"])[0].all() and len(store.shards()) == 2
+    assert store.read(["a", "b", "c"])[0].all() and len(store.shards.files()) == 2
+
+
+def test_the_feature_cache_appends_new_clips_as_a_shard_and_reads_only_the_clips_asked(tmp_path, clips):
+    cfg = FeatureConfig()
+    features(clips[:3], cfg, tmp_path / "c", workers=1, progress=False)
+    cache = FeatureCache(tmp_path / "c", cfg)
+    (first,) = cache.shards.files()
+    before = first.read_bytes()
+    feats, _, (hits, misses) = features(clips, cfg, tmp_path / "c", workers=1, progress=False)
+    assert (hits, misses) == (3, 2)
+    shards = cache.shards.files()
+    assert shards[0] == first and first.read_bytes() == before  # the old clips' file untouched
+    with h5py.File(shards[1], "r") as f:
+        assert len(f["keys"]) == 2  # the two new clips only
+    keys = [cachelib.file_key(p) for p in clips]
+    got = FeatureCache(tmp_path / "c", cfg).read([keys[4], "unknown", keys[1]])
+    assert sorted(got) == sorted([keys[4], keys[1]])
+    np.testing.assert_array_equal(got[keys[4]], feats[4])
+    np.testing.assert_array_equal(got[keys[1]], feats[1])

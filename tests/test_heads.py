@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from conftest import all_features
 from jaxtl.data import DataError
 from jaxtl.heads import ABSENT_LOGIT, fit_linear_head, inner_folds, with_fitted_head
 from jaxtl.model import Head
@@ -94,9 +95,9 @@ def test_a_closed_form_head_takes_no_step_and_evaluate_restores_it(cfg):
     restored, prep = restore_run(cfg.out), prepare(cfg.data_spec(), log=quiet)
     model, params, norm = restored.model, restored.variables["params"], restored.variables["norm"]["head"]
     taps = np.asarray(model.apply({"params": params}, cfg.image_spec().network_input(cfg.image_spec().batch(
-        prep.feats, np.arange(len(prep.y)))), method=type(model).head_inputs))
+        all_features(prep), np.arange(len(prep.y)))), method=type(model).head_inputs))
     seen = (taps - np.asarray(norm["mean"])) * np.asarray(norm["scale"])
     lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(seen[prep.train].astype(np.float64),
                                                                            prep.y[prep.train])
-    logits = predict_logits(restored, prep.feats.subset(prep.test))
+    logits = predict_logits(restored, all_features(prep).subset(prep.test))
     np.testing.assert_allclose(logits, lda.decision_function(seen[prep.test]), rtol=1e-3, atol=1e-3)

@@ -5,8 +5,9 @@ import pytest
 
 from conftest import losses, quiet
 from jaxtl import prefix
+from jaxtl.feed import StepFeed
 from jaxtl.model import N_CONV
-from jaxtl.pipeline import StepFeed, prepare
+from jaxtl.pipeline import prepare
 from jaxtl.restore import restore_run
 from jaxtl.sharding import make_mesh
 from jaxtl.steps import init_params
@@ -25,9 +26,9 @@ def test_normalisation_statistics_come_from_the_training_split(cfg):
     model = cfg.model(len(prep.classes))
     params, _ = init_params(model, 32, cfg.seed)
     mesh, images = make_mesh(), cfg.image_spec()
-    acts = prefix.compute_prefix(model, params, prep.feats, np.arange(len(prep.y)), N_CONV, images, mesh)
-    norm = prefix.head_input_statistics(model, params, StepFeed(prep, images, acts), prep.train, N_CONV, True,
-                                        images, 8, mesh)
+    acts, _, _ = prefix.compute_prefix(model, params, prep.features, np.arange(len(prep.y)), N_CONV, images, mesh)
+    norm = prefix.head_input_statistics(model, params, StepFeed(prep.y, prep.own, prep.owner, images, acts),
+                                        prep.train, N_CONV, True, images, 8, mesh)
     flat = acts["taps"]
     np.testing.assert_allclose(norm["head"]["mean"], flat[prep.train].mean(0), rtol=1e-5, atol=1e-7)
     assert not np.allclose(norm["head"]["mean"], flat.mean(0))  # not fitted on val or test
@@ -43,7 +44,7 @@ def test_prefix_cache_computes_only_clips_it_has_not_seen(cfg, monkeypatch):
 
     def counting(*args, **kw):
         out = real(*args, **kw)
-        calls.append(len(next(iter(out.values()))))
+        calls.append(len(next(iter(out[0].values()))))
         return out
 
     monkeypatch.setattr(prefix, "compute_prefix", counting)
@@ -56,8 +57,8 @@ def test_prefix_cache_computes_only_clips_it_has_not_seen(cfg, monkeypatch):
 
 def test_a_non_finite_prefix_is_refused_before_it_is_cached(cfg, tmp_path, monkeypatch):
     """Never a NaN fed to training: a prefix pass that gives non-finite outputs stops the run in one line."""
-    real = prefix.compute_prefix
-    monkeypatch.setattr(prefix, "compute_prefix", lambda *a, **k: {n: v * np.nan for n, v in real(*a, **k).items()})
+    real = prefix._carried
+    monkeypatch.setattr(prefix, "_carried", lambda out: {n: v * np.nan for n, v in real(out).items()})
     cfg = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(FloatingPointError, match="non-finite outputs for 40 of 40 clips"):
         run(cfg, log=quiet)

@@ -18,8 +18,8 @@ def test_report_names_every_stage_and_evaluate_adds_its_result(cfg):
     summary = run(dataclasses.replace(cfg, epochs=2), log=quiet)
     out = Path(cfg.out)
     md = (out / "report.md").read_text()
-    assert "| setup | features | model | prefix | epochs | test | total |" in md
-    assert list(summary["stage_seconds"]) == ["setup", "features", "model", "prefix", "epochs", "test"]
+    assert "| setup | split | model | features+prefix | epochs | test | total |" in md
+    assert list(summary["stage_seconds"]) == ["setup", "split", "model", "features+prefix", "epochs", "test"]
     assert f"test accuracy **{100 * summary['test_accuracy']:.1f} %** on {summary['n_test']} clips" in md
     assert "![training curves](curves.png)" in md and "confusion_test.png" in md
     html = (out / "report.html").read_text()

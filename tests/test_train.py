@@ -10,11 +10,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import h5py
 import jax
 import numpy as np
 import pytest
 
 from conftest import losses, metrics, quiet, weights_file, write_tone
+from jaxtl.cache import FeatureCache
 from jaxtl.checkpoint import Checkpoints
 from jaxtl.config import TrainConfig
 from jaxtl.model import CONV_NAMES
@@ -240,27 +242,92 @@ def test_frozen_follows_its_golden_run(one_process):
 
 
 FOUR_DEVICES = textwrap.dedent("""
-    import json, sys, jax, numpy as np
+    import dataclasses, json, sys, jax, numpy as np
     from jaxtl.config import TrainConfig
-    from jaxtl.sharding import global_batch, make_mesh
+    from jaxtl.feed import StepFeed
+    from jaxtl.sharding import make_mesh
     from jaxtl.train import run
     assert len(jax.devices()) == 4
-    batch = global_batch(make_mesh(), {"x": np.arange(16.0).reshape(8, 2)})["x"]
-    rows = sorted((s.device.id, np.asarray(s.data)[:, 0].tolist()) for s in batch.addressable_shards)
-    assert [r for _, r in rows] == [[0.0, 2.0], [4.0, 6.0], [8.0, 10.0], [12.0, 14.0]], rows
-    run(TrainConfig(**json.loads(sys.argv[1])), log=lambda *_: None)
+    owner = np.arange(40) % 4  # each device owns 10 of 40 clips; a device table holds its own rows only
+    feed = StepFeed(np.zeros(40, int), np.arange(40), owner, None, {"taps": np.arange(80.0).reshape(40, 2)})
+    feed.put_on_devices(make_mesh(), "sharded", log=lambda *_: None)
+    shards = feed.table.arrays["x"]["taps"].addressable_shards
+    held = sorted((s.device.id, np.asarray(s.data)[:, 0] // 2) for s in shards)
+    assert [r.tolist() for _, r in held] == [np.flatnonzero(owner == d).tolist() for d in range(4)], held
+    cfg = TrainConfig(**json.loads(sys.argv[1]))
+    for layout in ("sharded", "replicated"):
+        run(dataclasses.replace(cfg, inputs=layout, out=cfg.out + "-" + layout, verbose=2), log=print)
 """)
 
 
-def test_four_devices_follow_one_and_each_holds_a_quarter_of_a_batch(one_process, tmp_path):
-    one, _ = one_process
-    four = dataclasses.replace(one, out=str(tmp_path / "four"), cache_dir=str(tmp_path / "fresh-cache"))
+@pytest.fixture(scope="module")
+def four_devices(one_process, tmp_path_factory):
+    """The one-process run on 4 forced CPU devices, its head-only inputs sharded and replicated."""
+    four = dataclasses.replace(one_process[0], out=str(tmp_path_factory.mktemp("four") / "run"),
+                               cache_dir=str(tmp_path_factory.mktemp("four-cache")))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", FOUR_DEVICES, json.dumps(dataclasses.asdict(four))], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    np.testing.assert_allclose(losses(four.out), losses(one.out), rtol=1e-4)
-    assert len(list(Path(four.cache_dir).glob("prefix-*/rows-*.h5"))) == 1  # its own prefix pass ran, on 4 devices
+    return four, proc.stdout
+
+
+def test_four_devices_each_hold_a_quarter_and_sharded_inputs_follow_replicated_ones(four_devices, one_process):
+    four, output = four_devices
+    assert "inputs: sharded" in output and "inputs: replicated" in output
+    sharded, replicated = losses(four.out + "-sharded"), losses(four.out + "-replicated")
+    np.testing.assert_allclose(sharded, replicated, rtol=1e-5)
+    assert len(sharded) == len(losses(one_process[0].out))  # every epoch ran (each device its own batches)
+
+
+def test_two_processes_of_two_devices_hold_their_shares_and_follow_one_process_of_four(four_devices, tmp_path):
+    four, _ = four_devices
+    out, cache = str(tmp_path / "two"), tmp_path / "fresh-cache"
+    argv = ["--recipe", "seed", "--data", four.data, "--image-size", "32", "--epochs", "3", "--batch-size", "8",
+            "--weights", "random", "--normalize", "--out", out, "--cache-dir", str(cache), "--workers", "1",
+            "--verbose", "1", "--patience", "0", "--inputs", "sharded"]
+    procs = _two_processes(argv, [[], []], devices=2)
+    assert all(p.returncode == 0 for p in procs), procs[0].output[-3000:] + procs[1].output[-3000:]
+    summary = json.loads((Path(out) / "summary.json").read_text())
+    # process 0 owns devices 0 and 1: round-robin over 4 devices within each split, its share is balanced
+    mine = sum(int(np.sum(np.arange(summary[f"n_{side}"]) % 4 < 2)) for side in ("train", "val", "test"))
+    assert f"4 device(s), 2 process(es), {mine} clips held here" in procs[0].output
+    assert f"features: {mine} clips (0 from cache, {mine} computed) in this process" in procs[0].output
+    shards = []
+    for shard in cache.glob("prefix-*/rows-*.h5"):
+        with h5py.File(shard, "r") as f:
+            shards.append({k.decode() for k in f["keys"][:]})
+    # each process cached the prefix rows of its own share, and no clip twice
+    assert sorted(map(len, shards)) == sorted([mine, 40 - mine]) and not shards[0] & shards[1]
+    np.testing.assert_allclose(losses(out), losses(four.out + "-sharded"), rtol=1e-4)
+    assert restore_run(out, "latest").meta["epoch"] == 2
+
+
+def test_features_stream_into_the_prefix_pass_a_chunk_at_a_time(one_process, tmp_path, monkeypatch):
+    from jaxtl import cache as cachelib
+    from jaxtl import pipeline
+
+    events, extract, add = [], pipeline.ClipFeatures.__call__, cachelib.ActivationCache.add
+    monkeypatch.setattr(pipeline.ClipFeatures, "__call__",
+                        lambda self, ids: events.append(("features", len(ids))) or extract(self, ids))
+    monkeypatch.setattr(cachelib.ActivationCache, "add",
+                        lambda self, keys, acts: events.append(("cached", len(keys))) or add(self, keys, acts))
+    one, summary = one_process
+    streamed = dataclasses.replace(one, stream_chunk=8, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "c"))
+    got = run(streamed, log=quiet)
+    assert [n for e, n in events if e == "features"] == [8] * 5  # features a chunk at a time
+    assert [n for e, n in events if e == "cached"] == [8] * 5  # each chunk's prefix rows cached when done
+    # the VGG16 pass began before the last chunk's features were extracted (the host thread reads ahead)
+    assert events.index(("cached", 8)) < max(i for i, e in enumerate(events) if e[0] == "features")
+    # the same features and the same run as without streaming (the one-process run: 40 clips, chunk 2048)
+    ours, theirs = FeatureCache(streamed.cache_dir, streamed.features()), FeatureCache(one.cache_dir, one.features())
+    keys = list(theirs.shards.index())
+    assert len(keys) == 40 and len(ours.shards.files()) == 5
+    mine, base = ours.read(keys), theirs.read(keys)
+    for k in keys:
+        np.testing.assert_array_equal(mine[k], base[k])
+    np.testing.assert_allclose(losses(streamed.out), losses(one.out), rtol=1e-5)
+    assert got["test_accuracy"] == summary["test_accuracy"]
 
 
 def test_divergence_names_the_step_and_keeps_the_last_good_checkpoint(cfg, capsys):
@@ -282,16 +349,16 @@ TWO_PROCESSES = textwrap.dedent("""
 """)
 
 
-def _two_processes(argv: list[str], per_process: list[list[str]]) -> list[subprocess.Popen]:
-    """`python -m jaxtl.train ARGV` as processes 0 and 1 of one run on 127.0.0.1 (finished, output read)."""
+def _two_processes(argv: list[str], per_process: list[list[str]], devices: int = 1) -> list[subprocess.Popen]:
+    """`python -m jaxtl.train ARGV` as processes 0 and 1 of one run on 127.0.0.1, each with `devices` CPU
+    devices (finished, output read)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = argv + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, json.dumps(argv + ["--process-id", str(i)]
                                                                                + per_process[i])],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -303,21 +370,6 @@ def _two_processes(argv: list[str], per_process: list[list[str]]) -> list[subpro
         for p in procs:
             p.kill()
     return procs
-
-
-def test_two_processes_with_fresh_caches_follow_the_one_process_run(one_process, tmp_path):
-    out, cache = str(tmp_path / "two"), tmp_path / "fresh-cache"
-    c, _ = one_process
-    argv = ["--recipe", "seed", "--data", c.data, "--image-size", "32", "--epochs", "3", "--batch-size", "8",
-            "--weights", "random", "--normalize", "--out", out, "--cache-dir", str(cache), "--workers", "1",
-            "--verbose", "1", "--patience", "0"]
-    procs = _two_processes(argv, [[], []])
-    assert all(p.returncode == 0 for p in procs), procs[0].output[-3000:] + procs[1].output[-3000:]
-    assert "2 device(s), 2 process(es)" in procs[0].output
-    assert "(0 from cache, 40 computed)" in procs[0].output  # process 0 extracted, the other read its cache
-    assert len(list(cache.glob("prefix-*/rows-*.h5"))) == 1  # the prefix pass ran split over both processes
-    np.testing.assert_allclose(losses(out), losses(c.out), rtol=1e-4)
-    assert restore_run(out, "latest").meta["epoch"] == 2
 
 
 def test_two_processes_with_different_weights_stop_naming_them(one_process, tmp_path):
