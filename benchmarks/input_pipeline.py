@@ -27,7 +27,8 @@ from jaxtl.sharding import global_batch, make_mesh, prefetch  # noqa: E402
 
 
 def load_features(path: str | None) -> tuple[RaggedFeatures, str]:
-    candidates = [path] if path else sorted(glob.glob(str(CACHE / "features-*.h5")))
+    candidates = [path] if path else sorted(glob.glob(str(CACHE / "features-*.h5")) +  # 0.3's single file
+                                            glob.glob(str(CACHE / "features-*" / "rows-*.h5")))  # shards
     for p in candidates:
         try:
             with h5py.File(p, "r") as f:

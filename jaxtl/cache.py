@@ -40,7 +40,7 @@ def atomic_h5(path: Path):
 
 @contextlib.contextmanager
 def locked(path: Path):
-    """An exclusive lock beside `path`, held for a read-merge-write, so runs sharing a cache lose nothing."""
+    """An exclusive lock beside `path`, held while a shard is appended, so runs sharing a cache lose nothing."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,11 +79,12 @@ class FeatureCache:
         """{key: features} of the `keys` some shard holds; each shard's rows read once, in one slice."""
         out: dict[str, np.ndarray] = {}
         for f, rows in self.shards.rows_of(keys):
-            offsets, lengths = f["offsets"][:], f["lengths"][:]
-            lo, hi = int(offsets[rows].min()), int((offsets[rows] + lengths[rows]).max())
-            flat, names = f["flat"][..., lo:hi], f["keys"][:]  # the span of the wanted rows only
-            for r in rows:
-                out[names[r].decode()] = flat[..., offsets[r] - lo:offsets[r] - lo + lengths[r]]
+            offsets, lengths, names = f["offsets"][:], f["lengths"][:], f["keys"][:]
+            for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1):  # each run of adjacent rows, once
+                lo = int(offsets[run[0]])
+                flat = f["flat"][..., lo:int(offsets[run[-1]] + lengths[run[-1]])]
+                for r in run:
+                    out[names[r].decode()] = flat[..., offsets[r] - lo:offsets[r] - lo + lengths[r]]
         return out
 
     def add(self, entries: dict[str, np.ndarray]) -> None:
@@ -146,7 +147,8 @@ class Shards:
             new = [k for k in keys if k not in index]
             if not new:
                 return []
-            shard = self.path / f"rows-{len(list(self.path.glob('rows-*.h5'))):06d}.h5"  # unique under the lock
+            taken = [int(p.stem.split("-")[1]) for p in self.path.glob("rows-*.h5") if p.stem.split("-")[1].isdigit()]
+            shard = self.path / f"rows-{max(taken, default=-1) + 1:06d}.h5"  # a new name under the lock
             with atomic_h5(shard) as f:
                 f["keys"] = np.array([k.encode() for k in new])
                 write(f, new)
@@ -207,12 +209,11 @@ class ActivationCache:
         self.shards = Shards(Path(directory) / f"prefix-{key}", legacy=Path(directory) / f"prefix-{key}.h5")
         self.path = self.shards.path
 
-    def read(self, keys: list[str], into: dict[str, np.ndarray] | None = None
-             ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
-        """(which of `keys` are stored, {name: (len(keys), ...) rows, those of clips not stored left zero}),
-        written into `into` when given; None for the rows when no clip is stored and `into` is None."""
+    def read(self, keys: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """(which of `keys` are stored, {name: (len(keys), ...) rows, those of clips not stored left zero});
+        None for the rows when no clip is stored."""
         want = {k: i for i, k in enumerate(keys)}
-        found, out = np.zeros(len(keys), bool), into
+        found, out = np.zeros(len(keys), bool), None
         for f, rows in self.shards.rows_of(keys):
             names = f["keys"][:]
             dst = np.array([want[names[r].decode()] for r in rows], np.int64)

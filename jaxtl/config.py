@@ -241,7 +241,7 @@ class TrainConfig:
         return DataSpec(self.features(), self.data, self.layout, self.split, self.val_method, self.test_size,
                         self.test_group, self.holdout_group, self.val_size, self.max_clips, self.train_clips, self.seed,
                         self.split_seed, self.on_bad_file, self.augment_copies, self.pitch_shift, self.time_stretch,
-                        self.vtlp, self.cache_dir or None, self.workers, self.progress)
+                        self.vtlp, self.cache_dir or None, self.workers)
 
     def features(self) -> FeatureConfig:
         return FeatureConfig(representation=self.representation, sample_rate=self.sample_rate,

@@ -69,7 +69,7 @@ def class_logits(programs: EvalPrograms, state, feed: StepFeed, clip_ids: np.nda
     with tqdm(total=len(mine), desc=desc, unit="clip", disable=not progress or not is_main_process(),
               leave=False) as bar:
         logits = map_local(lambda b: {"logits": programs.eval(state, b)[1]}, mine, batch_size, mesh, rows_of,
-                           bar.update, fill=feed.own[0])["logits"]
+                           bar.update, fill=feed.own[0] if len(feed.own) else 0)["logits"]
     ids, logits = gather_rows(mine, logits)
     return logits[np.searchsorted(ids, clip_ids)]
 

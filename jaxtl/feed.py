@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaxtl.images import ImageSpec, RaggedFeatures
-from jaxtl.sharding import all_counts, global_batch, local_part, local_positions, prefetch
+from jaxtl.sharding import all_counts, global_batch, local_part, local_positions, prefetch, process_0_decides
 
 INPUT_LAYOUTS = ("auto", "sharded", "replicated", "host")
 
@@ -55,8 +55,9 @@ def epoch_plan(clip_ids: np.ndarray, owner: np.ndarray, positions: int, batch_si
 def iter_local(fn: Callable, ids: np.ndarray, batch_size: int, mesh, rows_of: Callable, fill: int | None = None
                ) -> Iterator[tuple[slice, dict]]:
     """`fn` (jitted; a dict of per-row outputs) over this process's clips `ids`, in global batches that each
-    process fills with its own rows, built on a host thread (a process that has run out repeats its last
-    clip, or `fill` when it has none): yields (the positions into `ids` of a batch, its outputs for them)."""
+    process fills with its own rows, built on a host thread (a short batch repeats its first row; a process
+    that has run out repeats its last clip, or `fill` when it has none): yields (the positions into `ids`
+    of a batch, its outputs for them)."""
     local = len(local_positions(mesh)) * -(-batch_size // mesh.size)
     steps = -(-int(max(all_counts(len(ids)))) // local)
     fill = ids[-1] if len(ids) else fill
@@ -110,11 +111,11 @@ class StepFeed:
     def put_on_devices(self, mesh, layout: str, log: Callable = print) -> None:
         """Keep the cached inputs on the devices as `layout` says (auto: sharded if a device's share fits in
         half its free memory, else fed from the host per batch), and say which."""
-        per_row = sum(a[0].nbytes for a in self.acts.values()) + 4
+        per_row = sum(a[0].nbytes for a in self.acts.values()) + 4 if len(self.own) else 4
         share = int(np.bincount(self.owner[self.owner >= 0], minlength=mesh.size).max())
         free = device_free_bytes(mesh)
-        if layout == "auto":
-            layout = "sharded" if share * per_row <= free // 2 else "host"
+        if layout == "auto":  # process 0's reading decides: every process must run the same programs
+            layout = "sharded" if process_0_decides(share * per_row <= free // 2) else "host"
         held = share * per_row if layout == "sharded" else len(self.own) * per_row
         log(f"inputs: {layout}" + ("" if layout == "host" else f", {held / 2**20:.1f} MB a device "
                                    f"({free / 2**30:.1f} GB free)"))
@@ -141,21 +142,21 @@ class DeviceTable:
         if not sharded:
             self.slot, self.arrays = feed.row, replicate(mesh, x)
             return
-        counts = np.bincount(feed.owner[feed.owner >= 0], minlength=mesh.size)
-        rows_per = int(counts.max())
+        rows_per = int(np.bincount(feed.owner[feed.owner >= 0], minlength=mesh.size).max())
         self.slot = np.full(len(feed.owner), -1, np.int64)
-        parts = []
+        rows = {}
         for d in range(mesh.size):
             mine = np.flatnonzero(feed.owner == d)
             self.slot[mine] = np.arange(len(mine))
-            if d in local_positions(mesh):
-                rows = feed.row[np.concatenate([mine, np.full(rows_per - len(mine), mine[0] if len(mine) else 0)])]
-                parts.append(rows)
-        rows = np.concatenate(parts)
-        local = jax.tree.map(lambda a: a[rows], {"x": feed.acts, "y": x["y"]})
-        sharding = batch_sharding(mesh)
-        self.arrays = jax.tree.map(lambda a: jax.make_array_from_process_local_data(
-            sharding, a, (rows_per * mesh.size,) + a.shape[1:]), local)
+            if d in local_positions(mesh):  # its rows of this process's table, padded to the largest share
+                rows[d] = feed.row[np.concatenate([mine, np.full(rows_per - len(mine), mine[0] if len(mine) else 0)])]
+        devices, sharding = list(mesh.devices.flat), batch_sharding(mesh)
+
+        def upload(a):  # one device's rows at a time: no reordered host copy of the whole table
+            pieces = [jax.device_put(a[r], devices[d]) for d, r in rows.items()]
+            return jax.make_array_from_single_device_arrays((rows_per * mesh.size,) + a.shape[1:], sharding, pieces)
+
+        self.arrays = jax.tree.map(upload, x)
 
 
 def device_free_bytes(mesh) -> int:

@@ -50,7 +50,6 @@ class DataSpec:
     vtlp: float = 0.0
     cache_dir: str | None = ".jaxtl_cache"
     workers: int | None = None
-    progress: bool = True
 
 
 @dataclass
@@ -234,8 +233,7 @@ def settle_bad_files(prep: Prepared, bad: np.ndarray, errors: list[BadAudio], on
         return prep
     if on_bad_file == "error":
         raise DataError(f"{errors[0]} (use --on-bad-file skip to go on without it)")
-    keep = [np.setdiff1d(ids, bad, assume_unique=True) if len(ids) else ids
-            for ids in (prep.train, prep.val, prep.test, prep.holdout)]
+    keep = [ids[~np.isin(ids, bad)] for ids in (prep.train, prep.val, prep.test, prep.holdout)]  # order kept
     named = {e.path: e for e in prep.skipped}
     for e in errors:  # an augmentation copy fails as its file does: named once
         named.setdefault(e.path, e)

@@ -21,7 +21,7 @@ from jaxtl.cache import ActivationCache, fingerprint
 from jaxtl.feed import even_batch_size, iter_local, map_local, take
 from jaxtl.images import ImageSpec, RaggedFeatures
 from jaxtl.model import CONV_NAMES, Classifier
-from jaxtl.sharding import all_counts, gather_rows, is_main_process, local_positions
+from jaxtl.sharding import ProcessMismatch, all_counts, gather_rows, is_main_process, local_positions
 
 
 def _carried(out: dict) -> dict:
@@ -43,10 +43,11 @@ def compute_prefix(model: Classifier, params, features: Callable, ids: np.ndarra
                    mesh, chunk: int = 0, progress: bool = False, done: Callable | None = None):
     """Split-point inputs at k for this process's clips `ids`, computed once (forward only, jitted), streamed:
     `features(chunk of ids)` gives (RaggedFeatures, good mask, errors) a chunk at a time (all at once when
-    `chunk` is 0) and the VGG16 pass starts on the first chunk, so memory holds one chunk of features.
+    `chunk` is 0) and the VGG16 pass starts on the first chunk, so memory holds about one chunk of features
+    (the host thread may start on the next).
     `done(positions, their rows, which are good)` is called as each chunk is finished (to cache it: an
-    interrupted pass keeps what it did). Returns ({name: (len(ids), ...)}, bad clips' rows zero; which are
-    good; errors)."""
+    interrupted pass keeps what it did). Returns ({name: (len(ids), ...)}, a bad clip's row the prefix of a
+    blank placeholder; which are good; errors)."""
     from tqdm.auto import tqdm
 
     prefix = jax.jit(lambda p, x: _carried(model.apply({"params": p}, images.network_input(x), k,
@@ -107,16 +108,21 @@ def cached_prefix(model: Classifier, params, clip_ids: np.ndarray, keys: list[st
     missing = np.flatnonzero(~found)
     if not int(all_counts(len(missing)).max()):
         log(f"frozen prefix: {len(keys)} clips from {store.path}")
-        return finite(out, keys), found, []
+        return finite(out or {}, keys), found, []
 
     def done(pos, acts, ok):  # a finished chunk: checked, then cached
         if store is not None and ok.any():
             names = [keys[missing[i]] for i in pos[ok]]
             store.add(names, finite(take(acts, np.flatnonzero(ok)), names))
 
-    t = time.perf_counter()
-    computed, good, errors = compute_prefix(model, params, features, clip_ids[missing], k, images, mesh, chunk,
-                                            progress, done)
+    t, failure = time.perf_counter(), None
+    try:
+        computed, good, errors = compute_prefix(model, params, features, clip_ids[missing], k, images, mesh, chunk,
+                                                progress, done)
+    except Exception as e:  # noqa: BLE001 (re-raised below, once every process knows: none waits for it alone)
+        failure = e
+    if int(all_counts(int(failure is not None)).max()):
+        raise failure or ProcessMismatch("another process stopped in the frozen prefix pass (its output says why)")
     secs = time.perf_counter() - t
     log(f"frozen prefix: {len(missing)} clips in {secs:.1f}s ({len(missing) / max(secs, 1e-9):.1f} clips/s), "
         f"{len(keys) - len(missing)} from {store.path if store else 'no cache'}")
@@ -177,5 +183,5 @@ def head_input_statistics(model: Classifier, params, feed, ids: np.ndarray, k: i
     params training starts from; `feed(ids)` gives the cached activations at k, or images."""
     fn = jax.jit(lambda p, x: {"h": model.apply({"params": p}, x if cached else images.network_input(x),
                                                 k if cached else 0, method=Classifier.head_inputs)})
-    rows = map_local(lambda x: fn(params, x), ids, batch_size, mesh, feed, fill=feed.own[0])
+    rows = map_local(lambda x: fn(params, x), ids, batch_size, mesh, feed, fill=feed.own[0] if len(feed.own) else 0)
     return fit_normalizer(rows["h"])

@@ -21,7 +21,6 @@ import optax
 
 from jaxtl import images as imagelib
 from jaxtl.model import N_CONV, Classifier
-from jaxtl.sharding import batch_sharding
 from jaxtl.split import SplitPoint
 
 
@@ -239,7 +238,6 @@ class EvalPrograms:
         # as two calls). Head-only steps are scanned: no host round trip per step, which costs more
         # than the step itself.
         self.scanned = split.cached and split.head_only
-        self.sharding = batch_sharding(mesh)
         evaluate = functools.partial(eval_step, model=model, split=split, preprocess=preprocess)
         self.eval = jax.jit(evaluate)
         self.eval_scan = jax.jit(functools.partial(scan_epoch, evaluate, mesh=mesh, sharded=sharded, train=False))

@@ -156,8 +156,8 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     log(f"features: {prep.features.describe()} in this process, from {prep.data_source}")
     seconds["features+prefix"] = time.perf_counter() - t
     prep = settle_bad_files(prep, gather_rows(own[~good], np.zeros(int((~good).sum()), np.int8))[0],
-                            [BadAudio(*line.split("\t", 1)) for line in
-                             gather_strings([f"{e.path}\t{e.reason}" for e in errors])], cfg.on_bad_file)
+                            [BadAudio(*line.split("\0", 1)) for line in  # NUL: in no path
+                             gather_strings([f"{e.path}\0{e.reason}" for e in errors])], cfg.on_bad_file)
     record = split_record(prep)
     if cfg.resume and (out / "split.json").is_file():
         check_same_split(record, out)

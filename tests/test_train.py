@@ -249,11 +249,13 @@ FOUR_DEVICES = textwrap.dedent("""
     from jaxtl.train import run
     assert len(jax.devices()) == 4
     owner = np.arange(40) % 4  # each device owns 10 of 40 clips; a device table holds its own rows only
-    feed = StepFeed(np.zeros(40, int), np.arange(40), owner, None, {"taps": np.arange(80.0).reshape(40, 2)})
+    feed = StepFeed(np.arange(40) * 10, np.arange(40), owner, None, {"taps": np.arange(80.0).reshape(40, 2)})
     feed.put_on_devices(make_mesh(), "sharded", log=lambda *_: None)
-    shards = feed.table.arrays["x"]["taps"].addressable_shards
-    held = sorted((s.device.id, np.asarray(s.data)[:, 0] // 2) for s in shards)
-    assert [r.tolist() for _, r in held] == [np.flatnonzero(owner == d).tolist() for d in range(4)], held
+    for name, of_clip in (("x", lambda a: a[:, 0] // 2), ("y", lambda a: a // 10)):  # inputs and labels
+        leaf = feed.table.arrays[name]["taps"] if name == "x" else feed.table.arrays[name]
+        held = sorted((s.device.id, of_clip(np.asarray(s.data))) for s in leaf.addressable_shards)
+        assert [r.tolist() for _, r in held] == [np.flatnonzero(owner == d).tolist() for d in range(4)], held
+    assert (feed.table.slot == np.arange(40) // 4).all()  # a clip's row in its device's table
     cfg = TrainConfig(**json.loads(sys.argv[1]))
     for layout in ("sharded", "replicated"):
         run(dataclasses.replace(cfg, inputs=layout, out=cfg.out + "-" + layout, verbose=2), log=print)
@@ -285,7 +287,7 @@ def test_two_processes_of_two_devices_hold_their_shares_and_follow_one_process_o
     out, cache = str(tmp_path / "two"), tmp_path / "fresh-cache"
     argv = ["--recipe", "seed", "--data", four.data, "--image-size", "32", "--epochs", "3", "--batch-size", "8",
             "--weights", "random", "--normalize", "--out", out, "--cache-dir", str(cache), "--workers", "1",
-            "--verbose", "1", "--patience", "0", "--inputs", "sharded"]
+            "--verbose", "1", "--patience", "0"]  # --inputs auto: process 0's choice, taken by both
     procs = _two_processes(argv, [[], []], devices=2)
     assert all(p.returncode == 0 for p in procs), procs[0].output[-3000:] + procs[1].output[-3000:]
     summary = json.loads((Path(out) / "summary.json").read_text())
