@@ -43,6 +43,20 @@ def write_results(name: str, payload: dict, table: str, out_dir: str | os.PathLi
     return stem
 
 
+def finish_log_x_plot(fig, ax, path, xlabel: str, ylabel: str, legend_size: int = 8, dpi: int = 110) -> None:
+    """The studies' plots: a log x axis, labels, grid and legend, saved and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 FSDD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd" / "recordings"
 HED = Path(__file__).resolve().parents[1].parent / "shared" / "weights" / "hed_bsds500.weights.h5"
 CACHE = Path(__file__).resolve().parents[1] / ".jaxtl_cache"

@@ -25,7 +25,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CONFIGS, FSDD, HED, RESULTS, machine, run_config, write_results  # noqa: E402
+from common import CONFIGS, FSDD, HED, RESULTS, finish_log_x_plot, machine, run_config, write_results  # noqa: E402
 
 SEED_CLAIMS = {50: "75-85 %", 100: "80-90 %", 500: "88-95 %", 1000: "92-98 %", "all": "92-98 %"}
 GOALS = {50: 80, 100: 88, "all": 99.5}  # issue 15's goals
@@ -43,15 +43,8 @@ def plot(rows: list[dict], path) -> None:
                      if (r["mode"], r["weights"], r["size"]) == key)
         x, y, e = zip(*pts)
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"{key[0]} ({key[1]}, {key[2]}px)")
-    ax.set_xscale("log")
-    ax.set_xlabel("training clips (fit + validation)")
-    ax.set_ylabel("test accuracy (%)")
     ax.set_title("FSDD digits: accuracy vs training-set size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_log_x_plot(fig, ax, path, "training clips (fit + validation)", "test accuracy (%)")
 
 
 def measure(args) -> list[dict]:

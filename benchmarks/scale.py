@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_results  # noqa: E402
+from common import finish_log_x_plot, machine, write_results  # noqa: E402
 
 RATE, CLASSES = 8000, 10
 WRAPPER = textwrap.dedent("""
@@ -170,13 +170,7 @@ def plot(rows: list[dict], path: Path) -> None:
         if sel:
             ax.plot([r["n"] for r in sel], [r["cached_inputs_mb"]["total"] for r in sel], "k:", alpha=0.5,
                     label=f"{mode}: cached inputs of all clips")
-    ax.set_xscale("log")
-    ax.set_xlabel("clips")
-    ax.set_ylabel("MB")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_log_x_plot(fig, ax, path, "clips", "MB", legend_size=7, dpi=120)
     print(f"wrote {path}")
 
 
