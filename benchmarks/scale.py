@@ -4,7 +4,7 @@ Synthetic clips (generated here, 1 s at 8 kHz, 10 classes of noisy tones; no dow
 20,000 and 100,000; 32x32 images so the VGG16 pass stays minutes. Every run starts from fresh caches and
 runs `python -m jaxtl.train` (the jaxtl recipe, random base, no early stopping), frozen (its linear head
 on pooled taps of blocks 3 and 4, inputs kept on the devices; 2 epochs) and fine-tune-cached (conv4_3
-trained on cached conv4_2 outputs, 32 KB a clip; 1 epoch), in one process, or in two processes on
+trained on cached conv4_2 outputs and block 3's pooled tap, 34 KB a clip; 1 epoch), in one process, or in two processes on
 127.0.0.1 (`jax.distributed`). Each process reports its peak RSS
 (`resource.getrusage`); the run's summary gives the wall time of each stage.
 
