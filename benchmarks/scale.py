@@ -4,8 +4,9 @@ Synthetic clips (generated here, 1 s at 8 kHz, 10 classes of noisy tones; no dow
 20,000 and 100,000; 32x32 images so the VGG16 pass stays minutes. Every run starts from fresh caches and
 runs `python -m jaxtl.train` (the jaxtl recipe, random base, no early stopping), frozen (its linear head
 on pooled taps of blocks 3 and 4, inputs kept on the devices; 2 epochs) and fine-tune-cached (conv4_3
-trained on cached conv4_2 outputs and block 3's pooled tap, 34 KB a clip; 1 epoch), in one process, or in two processes on
-127.0.0.1 (`jax.distributed`). Each process reports its peak RSS
+trained on cached conv4_2 outputs and block 3's pooled tap, 34 KB a clip; 1 epoch), in one process, or
+in two processes on 127.0.0.1 (`jax.distributed`). `--data DIR` runs a dataset folder instead (real
+recordings: the accuracy of 1 and 2 processes). Each process reports its peak RSS
 (`resource.getrusage`); the run's summary gives the wall time of each stage.
 
     python benchmarks/scale.py                      # 2k, 20k, 100k x frozen, finetune x 1, 2 processes
@@ -65,16 +66,17 @@ def clips(root: Path, n: int) -> Path:
     return data
 
 
-def one_run(data: Path, n: int, mode: str, processes: int, work: Path, epochs: int, size: int) -> dict:
+def one_run(data: Path, n: int, mode: str, processes: int, work: Path, epochs: int, size: int,
+            extra: list[str] = ()) -> dict:
     """One fresh-cache training run; each process's peak RSS and the run's summary."""
-    tag = f"{mode}-{n}-p{processes}"
+    tag = f"{mode}-{n}-p{processes}" + "".join(extra).replace("-", "")
     run_dir, cache = work / "runs" / tag, work / "cache" / tag
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
     argv = ["--recipe", "jaxtl", "--data", str(data), "--mode", mode, "--image-size", str(size), "--weights",
             "random", "--epochs", str(epochs if mode == "frozen" else 1), "--patience", "0", "--out", str(run_dir),
             "--cache-dir", str(cache), "--verbose", "1", "--workers", "1"] + \
-        (["--finetune-convs", "1"] if mode == "finetune" else [])
+        (["--finetune-convs", "1"] if mode == "finetune" else []) + list(extra)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     if processes > 1:
         with socket.socket() as s:
@@ -94,7 +96,8 @@ def one_run(data: Path, n: int, mode: str, processes: int, work: Path, epochs: i
     summary = json.loads((run_dir / "summary.json").read_text())
     inputs_mb = cached_mb(cache)
     shutil.rmtree(cache)  # 100,000 clips' features and prefix rows take gigabytes
-    return {"n": n, "mode": mode, "processes": processes, "wall_seconds": wall,
+    return {"n": n, "data": str(data), "extra": " ".join(extra), "mode": mode, "processes": processes,
+            "wall_seconds": wall, "val_accuracy": summary["val_accuracy"],
             "stage_seconds": summary["stage_seconds"], "test_accuracy": summary["test_accuracy"],
             "n_train": summary["n_train"], "peak_rss_mb": [r["peak_rss_mb"] for r in rss],
             "workers_peak_rss_mb": [r["workers_peak_rss_mb"] for r in rss], "cached_inputs_mb": inputs_mb,
@@ -124,14 +127,20 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--work", default="/tmp/jaxtl-scale", help="generated clips, caches and runs (large)")
     ap.add_argument("--name", default="scale")
+    ap.add_argument("--data", default=None, help="a dataset folder to run instead of generated clips (--sizes "
+                    "ignored): accuracy of 1 and 2 processes on real recordings")
+    ap.add_argument("--extra", default="", help="more `jaxtl train` flags for every run, e.g. '--train-seed 1'")
     args = ap.parse_args()
     work = Path(args.work)
     rows = []
-    for n in map(int, args.sizes.split(",")):
-        data = clips(work, n)
+    sizes = [0] if args.data else map(int, args.sizes.split(","))
+    for n in sizes:
+        data = Path(args.data) if args.data else clips(work, n)
+        n = n or sum(1 for _ in data.rglob("*.wav"))
         for mode in args.modes.split(","):
             for processes in map(int, args.processes.split(",")):
-                rows.append(one_run(data, n, mode, processes, work, args.epochs, args.image_size))
+                rows.append(one_run(data, n, mode, processes, work, args.epochs, args.image_size,
+                                    args.extra.split()))
                 print(json.dumps(rows[-1]), flush=True)
                 save(rows, args, work)
     save(rows, args, work, final=True)
@@ -139,14 +148,15 @@ def main() -> None:
 
 def save(rows: list[dict], args, work: Path, final: bool = False) -> None:
     lines = ["| N | mode | processes | wall s | features+prefix s | clips/s | epoch s per 1k train clips | "
-             "peak RSS MB per process | cached inputs MB | test acc | inputs |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "peak RSS MB per process | cached inputs MB | val acc | test acc | flags | inputs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['n']:,} | {r['mode']} | {r['processes']} | {r['wall_seconds']:.0f} | "
                      f"{r['stage_seconds']['features+prefix']:.0f} | {r['prefix_clips_per_s']:.0f} | "
                      f"{r['epoch_seconds_per_1k_train_clips']:.2f} | "
                      f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} | {r['cached_inputs_mb']['total']:.0f} | "
-                     f"{r['test_accuracy']:.3f} | {r['inputs_line'] or '-'} |")
+                     f"{r.get('val_accuracy') or 0:.3f} | {r['test_accuracy']:.3f} | {r.get('extra') or '-'} | "
+                     f"{r['inputs_line'] or '-'} |")
     payload = {"machine": machine(), "command": " ".join(sys.argv), "rows": rows}
     stem = write_results(f"{args.name}", payload, "\n".join(lines) + "\n")  # after every run: partial results kept
     if final:
