@@ -75,7 +75,7 @@ def time_mode(name: str, batch: int, size: int, dtype: str, steps: int, classes:
                       weights=None if k == 0 else "random", verbose=0)
     model = cfg.model(classes)
     params, norm = init_params(model, size, cfg.seed)
-    split = SplitPoint(k, cached)
+    split = SplitPoint(k, model.spec.units, cached)
     tx = cfg.stages()[0].optimizer.transform(split.labels(params))
     state = create_train_state(params, norm, tx)
     rng = np.random.default_rng(0)

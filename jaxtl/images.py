@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], np.float32)
-PREPROCESS_MODES = ("unit", "caffe")
+PREPROCESS_MODES = ("unit", "caffe", "tf", "raw", "lite")
 FIT_MODES = ("pad", "stretch")
 STORAGE_DTYPES = ("float32", "float16", "uint8")
 BAND_NORMS = ("none", "mean", "meanvar")
@@ -135,11 +135,19 @@ def caffe(images_255):
 
 
 def preprocess(images01, mode: str):
-    """[0, 1] images -> the network's input: `unit` keeps them (the seed), `caffe` is VGG16's own."""
+    """[0, 1] images -> the network's input: `unit` keeps them (the seed); each family's own: `caffe` (VGG,
+    ResNet50), `tf` ([-1, 1]: MobileNetV2), `raw` ([0, 255]: EfficientNet-B0, whose stem normalises),
+    `lite` ((x - 127) / 128 on [0, 255]: EfficientNet-Lite0)."""
     if mode == "unit":
         return images01
     if mode == "caffe":
         return caffe(images01 * 255.0)
+    if mode == "tf":
+        return images01 * 2.0 - 1.0
+    if mode == "raw":
+        return images01 * 255.0
+    if mode == "lite":
+        return (images01 * 255.0 - 127.0) / 128.0
     raise ValueError(f"unknown preprocess {mode!r}: use one of {PREPROCESS_MODES}")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from jaxtl.cache import ActivationCache, fingerprint
 from jaxtl.feed import even_batch_size, iter_local, map_local, take
 from jaxtl.images import ImageSpec, RaggedFeatures
-from jaxtl.model import CONV_NAMES, Classifier
+from jaxtl.model import Classifier
 from jaxtl.sharding import ProcessMismatch, all_counts, gather_rows, is_main_process, local_positions
 
 
@@ -83,13 +83,15 @@ def compute_prefix(model: Classifier, params, features: Callable, ids: np.ndarra
     return out, good, errors
 
 
-def prefix_key(params, k: int, images: ImageSpec, feature_key: str, compute_dtype: str, taps: str,
-               pooling: str) -> str:
-    """The prefix cache's key: the frozen convs' weights and every setting that changes their outputs."""
-    weights = [np.asarray(leaf) for name in CONV_NAMES[:k] if name in params["base"]  # the convs the pass runs
+def prefix_key(params, units: tuple[str, ...], k: int, images: ImageSpec, feature_key: str, compute_dtype: str,
+               taps: str, pooling: str) -> str:
+    """The prefix cache's key: the backbone, its frozen units' weights and every setting that changes their
+    outputs (VGG16's key is jaxtl 0.3's, so its caches stay valid)."""
+    weights = [np.asarray(leaf) for name in units[:k] if name in params["base"]  # the units the pass runs
                for leaf in jax.tree.leaves(params["base"][name])]
+    family = [] if units[0] == "block1_conv1" and len(units) == 13 else [f"units={','.join(units)}"]
     return fingerprint(feature_key, images.size, images.fit, images.preprocess, images.storage, compute_dtype, k,
-                       taps, pooling, *weights, *_band_norm_key(images.band_norm))
+                       taps, pooling, *weights, *_band_norm_key(images.band_norm), *family)
 
 
 def _band_norm_key(band_norm: str) -> list[str]:

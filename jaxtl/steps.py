@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxtl import images as imagelib
-from jaxtl.model import N_CONV, Classifier
+from jaxtl.model import Classifier
 from jaxtl.split import SplitPoint
 
 
@@ -94,7 +94,7 @@ CPU_INIT_COMPILE = {"xla_backend_optimization_level": 1}
 def init_base(model: Classifier, image_size: int, seed: int) -> dict:
     """A random base as `model.init(PRNGKey(seed), images)` makes it (flax derives each param's rng from its
     path), shaped like a weight file's variables."""
-    run_base = functools.partial(model.init, method=lambda m, x: m.advance(x, 0, N_CONV))
+    run_base = functools.partial(model.init, method=lambda m, x: m.advance(x, 0, m.n_units))
     key, x = jax.random.PRNGKey(seed), _images(image_size)
     init = jax.jit(run_base).lower(key, x).compile(CPU_INIT_COMPILE if jax.default_backend() == "cpu" else None)
     return {"params": flax.core.unfreeze(init(key, x)["params"]["base"])}
@@ -147,9 +147,10 @@ def mixup_plan(rng, n: int, alpha: float):
 
 
 def forward(params, norm, x, rng, *, model: Classifier, split: SplitPoint, augment: Augment, preprocess: str,
-            train: bool, mix=None):
-    """Logits from the step's input: the split-point inputs at k (`split.cached`), else [0,1] images; `mix`
-    (weight, permutation) mixes the inputs, after any in-step augmentation."""
+            train: bool, mix=None, bn_train: bool = False):
+    """(logits, updated BatchNorm statistics or {}) from the step's input: the split-point inputs at k
+    (`split.cached`), else [0,1] images; `mix` (weight, permutation) mixes the inputs, after any in-step
+    augmentation. `bn_train`: BatchNorm of the units that train normalises by batch statistics (`--bn train`)."""
     variables = {"params": params, "norm": norm}
     if split.cached and mix is not None:
         x = mix_rows(x, *mix)
@@ -162,7 +163,22 @@ def forward(params, norm, x, rng, *, model: Classifier, split: SplitPoint, augme
         x = imagelib.preprocess(x, preprocess)
         if split.k:
             x = jax.lax.stop_gradient(model.apply(variables, x, split.k, method=Classifier.prefix))
-    return model.apply(variables, x, train=train, start=split.k, rngs={"dropout": rng} if train else {})
+    rngs = {"dropout": rng} if train else {}
+    if train and bn_train:
+        logits, stats = model.apply(variables, x, train=train, start=split.k, rngs=rngs, mutable=["bn_stats"])
+        return logits, stats.get("bn_stats", {})
+    return model.apply(variables, x, train=train, start=split.k, rngs=rngs), {}
+
+
+def with_statistics(params, stats):
+    """Params with the moving statistics a `--bn train` step computed put in place of the old ones."""
+    from flax import traverse_util
+
+    if not stats:
+        return params
+    flat = traverse_util.flatten_dict(params)
+    flat.update(traverse_util.flatten_dict(stats))
+    return traverse_util.unflatten_dict(flat)
 
 
 def loss_and_metrics(logits, y, mask):
@@ -183,7 +199,7 @@ def mixed_loss(logits, y, mask, mix=None):
 
 
 def train_step(state: TrainState, batch, rng, *, model, split: SplitPoint, augment: Augment, preprocess: str, tx,
-               mixup: float = 0.0):
+               mixup: float = 0.0, bn_train: bool = False):
     """One update of the trainable partition; frozen convs pass through untouched (and uncopied). With
     `mixup` the loss is the mixed pair's (`lam * CE(y) + (1 - lam) * CE(y[perm])`); metrics stay on `y`."""
     frozen, trainable = split.partition(state.params)
@@ -191,21 +207,22 @@ def train_step(state: TrainState, batch, rng, *, model, split: SplitPoint, augme
     mix = mixup_plan(jax.random.fold_in(step_rng, 2), batch["y"].shape[0], mixup) if mixup else None
 
     def loss_fn(tr):
-        logits = forward(split.join(frozen, tr), state.norm, batch["x"], step_rng, model=model, split=split,
-                         augment=augment, preprocess=preprocess, train=True, mix=mix)
-        return mixed_loss(logits, batch["y"], batch["mask"], mix)
+        logits, stats = forward(split.join(frozen, tr), state.norm, batch["x"], step_rng, model=model, split=split,
+                                augment=augment, preprocess=preprocess, train=True, mix=mix, bn_train=bn_train)
+        loss, metrics = mixed_loss(logits, batch["y"], batch["mask"], mix)
+        return loss, (metrics, stats)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    (_, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grads = split.join(jax.tree.map(jnp.zeros_like, frozen), grads)  # set_to_zero never reads these
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: u * state.lr_scale, split.partition(updates)[1])
-    params = split.join(frozen, optax.apply_updates(trainable, updates))
+    params = with_statistics(split.join(frozen, optax.apply_updates(trainable, updates)), stats)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(state: TrainState, batch, *, model, split: SplitPoint, preprocess: str):
-    logits = forward(state.params, state.norm, batch["x"], None, model=model, split=split, augment=Augment(),
-                     preprocess=preprocess, train=False)
+    logits, _ = forward(state.params, state.norm, batch["x"], None, model=model, split=split, augment=Augment(),
+                        preprocess=preprocess, train=False)
     return loss_and_metrics(logits, batch["y"], batch["mask"])[1], logits
 
 
@@ -247,10 +264,10 @@ class TrainPrograms(EvalPrograms):
     """A training stage's jitted programs: its evaluation programs plus the train step (and scanned epoch)."""
 
     def __init__(self, model: Classifier, split: SplitPoint, preprocess: str, mesh, augment: Augment, tx, rng,
-                 mixup: float = 0.0, sharded: bool = True):
+                 mixup: float = 0.0, sharded: bool = True, bn_train: bool = False):
         super().__init__(model, split, preprocess, mesh, sharded)
         train = functools.partial(train_step, rng=rng, model=model, split=split, augment=augment,
-                                  preprocess=preprocess, tx=tx, mixup=mixup)
+                                  preprocess=preprocess, tx=tx, mixup=mixup, bn_train=bn_train)
         self.train = jax.jit(train)
         self.train_scan = jax.jit(functools.partial(scan_epoch, train, mesh=mesh, sharded=sharded, train=True))
 

@@ -59,7 +59,7 @@ from jaxtl.steps import EvalPrograms, TrainPrograms, create_train_state, init_pa
 from jaxtl.weights import WeightsError, resolve_weights
 
 
-def resolve_run_weights(mode: str, weights: str | None, log: Callable) -> tuple[dict | None, str, str]:
+def resolve_run_weights(mode: str, weights: str | None, backbone: str, log: Callable) -> tuple[dict | None, str, str]:
     """(base variables or None for random init, where they came from, their digest), the same in every process:
     process 0 resolves first (and downloads, if it must), the others then find its file, and a run whose
     processes ended up with different weights stops."""
@@ -68,12 +68,12 @@ def resolve_run_weights(mode: str, weights: str | None, log: Callable) -> tuple[
     if mode == "scratch":
         base_vars, source = None, "random init (scratch)"
     elif weights is not None:
-        base_vars, source = resolve_weights(weights)
+        base_vars, source = resolve_weights(weights, backbone=backbone)
     else:
         try:
-            base_vars, source = resolve_weights("imagenet")
+            base_vars, source = resolve_weights("imagenet", backbone=backbone)
         except WeightsError as e:
-            log(f"*** ImageNet weights unavailable ({e}); training on a RANDOMLY INITIALISED VGG16 base. "
+            log(f"*** ImageNet weights unavailable ({e}); training on a RANDOMLY INITIALISED {backbone} base. "
                 "Pass --weights FILE to use a weight file. ***")
             base_vars, source = None, "random init (ImageNet weights unavailable)"
     if is_main_process():
@@ -98,7 +98,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", dataclasses.asdict(cfg))
-    base_vars, weights_source, weights_digest = resolve_run_weights(cfg.mode, cfg.weights, notice)
+    base_vars, weights_source, weights_digest = resolve_run_weights(cfg.mode, cfg.weights, cfg.backbone, notice)
     mesh = make_mesh()
     if cfg.inputs == "replicated" and jax.process_count() > 1:
         raise ConfigError("--inputs replicated holds every clip on every device, which a process of several does "
@@ -146,7 +146,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     # ---------------------------------------------------------------- features -> the frozen prefix, streamed
     seconds["model"], acts, feats, t = time.perf_counter() - t, None, None, time.perf_counter()
     own = prep.own
-    if prefix_split.cached:  # each process: its own clips, a chunk of features at a time into the VGG16 pass
+    if prefix_split.cached:  # each process: its own clips, a chunk of features at a time into the frozen pass
         acts, good, errors = cached_prefix(model, params, own, [prep.keys[i] for i in own], prep.features,
                                            prefix_split.k, images, mesh, cfg.cache_dir,
                                            cfg.prefix_cache_key(params, prefix_split.k), cfg.stream_chunk,
@@ -206,8 +206,8 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
                 notice(f"warning: {e}; the best model so far is taken from the resumed state")
         state = replicate(mesh, state)
         best_params = best_params if best_params is not None else state.params
-        programs = TrainPrograms(model, stage.split, cfg.preprocess, mesh, cfg.augment(), tx, rng, cfg.mixup,
-                                 feed.table is None or feed.table.sharded)
+        programs = TrainPrograms(model, stage.split, images.preprocess, mesh, cfg.augment(), tx, rng, cfg.mixup,
+                                 feed.table is None or feed.table.sharded, cfg.bn == "train")
         first = start_epoch if (resumed is not None and stage_index == start_stage) else 0
         bar = EpochBar(stage.epochs, first, f"stage {stage_index + 1}/{len(stages)}",
                        cfg.verbose == 1 and main_process)
@@ -264,7 +264,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     scored, t = {}, time.perf_counter()
     if state is not None:
         last = stages[-1].split
-        programs, feed = EvalPrograms(model, last, cfg.preprocess, mesh), feed_at(last.k)
+        programs, feed = EvalPrograms(model, last, images.preprocess, mesh), feed_at(last.k)
         for side, ids in (("test", prep.test), ("holdout", prep.holdout)):
             if len(ids):
                 logits = class_logits(programs, state, feed, ids, cfg.batch_size, mesh, side, cfg.progress)

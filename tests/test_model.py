@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 
 from conftest import rel_l2
-from jaxtl.model import BLOCK_END, CONV_LAYERS, CONV_NAMES, Classifier, Head, VGG16Base, pool_features
+from jaxtl.backbones.vgg import VGG16, VGG16_LAYERS
+from jaxtl.model import Classifier, Head, VGG16Base, pool_features
+
+CONV_LAYERS, CONV_NAMES, BLOCK_END = VGG16_LAYERS, VGG16.units, VGG16.stage_end
+
 
 
 @pytest.fixture(scope="module")

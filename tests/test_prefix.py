@@ -6,12 +6,13 @@ import pytest
 from conftest import losses, quiet
 from jaxtl import prefix
 from jaxtl.feed import StepFeed
-from jaxtl.model import N_CONV
 from jaxtl.pipeline import prepare
 from jaxtl.restore import restore_run
 from jaxtl.sharding import make_mesh
 from jaxtl.steps import init_params
 from jaxtl.train import run
+
+N_CONV = 13  # VGG16's units
 
 
 def test_cached_prefix_and_in_step_prefix_agree(cfg, tmp_path):

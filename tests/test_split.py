@@ -2,8 +2,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxtl.model import CONV_NAMES, Classifier
+from jaxtl.backbones.vgg import VGG16
+from jaxtl.model import Classifier
 from jaxtl.split import SplitPoint
+
+CONV_NAMES = VGG16.units
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +16,7 @@ def params():
 
 @pytest.mark.parametrize("k", [0, 4, 10, 13])
 def test_labels_cover_every_param_once_by_the_split(params, k):
-    labels = SplitPoint(k).labels(params)
+    labels = SplitPoint(k, CONV_NAMES).labels(params)
     assert jax.tree.structure(labels) == jax.tree.structure(params)
     for i, name in enumerate(CONV_NAMES):
         assert set(jax.tree.leaves(labels["base"][name])) == {"frozen" if i < k else "base"}
@@ -22,7 +25,7 @@ def test_labels_cover_every_param_once_by_the_split(params, k):
 
 @pytest.mark.parametrize("k", [0, 7, 13])
 def test_partition_and_join_give_the_params_back(params, k):
-    frozen, trainable = SplitPoint(k).partition(params)
+    frozen, trainable = SplitPoint(k, CONV_NAMES).partition(params)
     assert list(frozen) == list(CONV_NAMES[:k]) and set(trainable["base"]) == set(CONV_NAMES[k:])
     joined = SplitPoint.join(frozen, trainable)
     assert jax.tree.structure(joined) == jax.tree.structure(params)
@@ -32,5 +35,5 @@ def test_partition_and_join_give_the_params_back(params, k):
 
 def test_a_split_point_outside_the_base_is_refused():
     with pytest.raises(ValueError, match="0..13"):
-        SplitPoint(14)
-    assert SplitPoint(13).head_only and not SplitPoint(10).head_only
+        SplitPoint(14, CONV_NAMES)
+    assert SplitPoint(13, CONV_NAMES).head_only and not SplitPoint(10, CONV_NAMES).head_only

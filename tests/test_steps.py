@@ -7,28 +7,31 @@ import numpy as np
 import pytest
 
 from conftest import quiet
-from jaxtl.model import CONV_NAMES, Classifier
+from jaxtl.backbones.vgg import VGG16
+from jaxtl.model import Classifier
 from jaxtl.split import SplitPoint
 from jaxtl.steps import Augment, compile_time, create_train_state, init_params, train_step
 from jaxtl.train import run
+
+CONV_NAMES = VGG16.units
 
 
 def _leaves_changed(a, b):
     return jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != np.asarray(y))), a, b)
 
 
-def _step(cfg, k: int, cached: bool):
+def _step(cfg, k: int, cached: bool, bn_train: bool = False):
     """(state, jitted step, batch) of a stage split at k, on 4 random 32x32 images or their prefix at k."""
     model = cfg.model(3)
     params, norm = init_params(model, 32, cfg.seed)
-    split = SplitPoint(k, cached)
+    split = SplitPoint(k, model.spec.units, cached)
     tx = cfg.stages()[0].optimizer.transform(split.labels(params))
     x = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
     if cached:
         x = model.apply({"params": params}, x, k, method=Classifier.prefix)
     batch = {"x": x, "y": jnp.array([0, 1, 2, 0]), "mask": jnp.ones(4)}
     step = jax.jit(lambda s, b: train_step(s, b, jax.random.PRNGKey(1), model=model, split=split, augment=Augment(),
-                                           preprocess=cfg.preprocess, tx=tx))
+                                           preprocess=cfg.preprocess, tx=tx, bn_train=bn_train))
     return create_train_state(params, norm, tx), step, batch
 
 
@@ -47,6 +50,27 @@ def test_each_mode_trains_exactly_its_set(cfg, mode, k):
             if not want:  # frozen: bit-identical, the very same values
                 np.testing.assert_array_equal(new.params["base"][name]["kernel"], state.params["base"][name]["kernel"])
         assert all(jax.tree.leaves(changed["head"]))
+
+
+def test_batchnorm_statistics_move_only_under_bn_train_and_only_in_the_units_that_train(cfg):
+    """MobileNetV2 with its last two units trained: `--bn inference` keeps every moving statistic; `--bn train`
+    moves those of the trained units alone; frozen units stay bit-identical, trained ones train either way."""
+    cfg = dataclasses.replace(cfg, backbone="mobilenet_v2", mode="finetune", finetune_convs=2, taps="5", lr=1e-2,
+                              base_lr=1e-2)
+    units = cfg.model(3).spec.units
+    k = cfg.stages()[0].split.k
+    assert units[k:] == ("block_16", "Conv_1")
+    for bn_train in (False, True):
+        state, step, batch = _step(cfg, k, cached=False, bn_train=bn_train)
+        changed = _leaves_changed(state.params, step(state, batch)[0].params)["base"]
+        for i, unit in enumerate(units):
+            leaves = jax.tree_util.tree_flatten_with_path(changed[unit])[0]
+            for path, moved in leaves:
+                if path[-1].key in ("moving_mean", "moving_variance"):
+                    assert moved == (i >= k and bn_train), (bn_train, unit, path)
+                else:
+                    assert not moved or i >= k, (bn_train, unit, path)
+            assert any(moved for _, moved in leaves) == (i >= k), (bn_train, unit)
 
 
 def test_bfloat16_convolutions_run_in_bfloat16_and_saves_stay_float32(cfg):
@@ -101,13 +125,14 @@ def test_mixup_mixes_the_steps_inputs_and_its_loss_is_the_soft_label_cross_entro
     model = cfg.model(3)
     params, norm = init_params(model, 32, cfg.seed)
     images = jax.random.uniform(jax.random.PRNGKey(0), (4, 32, 32, 3))
-    for split, x in ((SplitPoint(13, True), model.apply({"params": params}, images, 13, method=Classifier.prefix)),
-                     (SplitPoint(13, False), images)):
+    prefix = model.apply({"params": params}, images, 13, method=Classifier.prefix)
+    for split, x in ((SplitPoint(13, CONV_NAMES, True), prefix),
+                     (SplitPoint(13, CONV_NAMES, False), images)):
         mixed = jax.tree.map(lambda a: lam * a + (1 - lam) * a[perm], x)  # by hand, before the model
         want = forward(params, norm, mixed, None, model=model, split=split, augment=Augment(), preprocess="unit",
-                       train=False)
+                       train=False)[0]
         got = forward(params, norm, x, None, model=model, split=split, augment=Augment(), preprocess="unit",
-                      train=False, mix=(lam, perm))
+                      train=False, mix=(lam, perm))[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     logits = jax.random.normal(jax.random.PRNGKey(2), (4, 3))
     y, mask = jnp.array([0, 1, 2, 1]), jnp.array([1.0, 1.0, 1.0, 0.0])

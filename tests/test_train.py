@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 
 from conftest import losses, metrics, quiet, weights_file, write_tone
+from jaxtl.backbones.vgg import VGG16
 from jaxtl.cache import FeatureCache
 from jaxtl.checkpoint import Checkpoints
 from jaxtl.config import TrainConfig
-from jaxtl.model import CONV_NAMES
 from jaxtl.restore import restore_run
 from jaxtl.train import main, run
+
+CONV_NAMES = VGG16.units
 
 GOLDEN = json.loads((Path(__file__).parent / "golden_runs.json").read_text())["runs"]
 

@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 from conftest import rel_l2
-from jaxtl.model import CONV_NAMES, VGG16Base
+from jaxtl.backbones.vgg import VGG16
+from jaxtl.model import VGG16Base
 from jaxtl.weights import WeightsError, fetch, load_vgg16_weights, main, read_weight_file, resolve_weights, save_npz
+
+CONV_NAMES = VGG16.units
 
 keras = pytest.importorskip("keras")
 
