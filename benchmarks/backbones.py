@@ -34,12 +34,18 @@ FROZEN = {**CONFIGS["jaxtl"], "mode": "frozen", "head": "lda"}
 WHOLE = {**CONFIGS["jaxtl"], "mode": "finetune", "finetune_convs": 99, "taps": "5", "head": "dense",
          "lr": 1e-3, "base_lr": 1e-3, "epochs": 20, "patience": 6, "plateau_patience": 2, "time_mask": 8,
          "freq_mask": 8, "batch_size": 32}
+# The last stage fine-tuned on the cached outputs of the stages before it (Lite0: stage 5, six blocks), mixup
+# in the step (it keeps the cache).
+LAST = {**CONFIGS["jaxtl"], "mode": "finetune", "finetune_convs": 6, "taps": "5", "head": "dense", "lr": 1e-3,
+        "base_lr": 1e-3, "epochs": 30, "patience": 6, "plateau_patience": 2, "mixup": 0.2}
 STUDY = {  # name: (backbone, weights, overrides)
     "vgg16-random-frozen": ("vgg16", "random", FROZEN),
     "vgg16-hed-frozen": ("vgg16", str(HED), FROZEN),
     "lite0-imagenet-frozen": ("efficientnet_lite0", "imagenet", FROZEN),
     "lite0-random-frozen": ("efficientnet_lite0", "random", FROZEN),
     "lite0-imagenet-frozen-taps45": ("efficientnet_lite0", "imagenet", {**FROZEN, "taps": "4,5"}),
+    "lite0-imagenet-last": ("efficientnet_lite0", "imagenet", LAST),
+    "lite0-random-last": ("efficientnet_lite0", "random", LAST),
     "lite0-imagenet-whole": ("efficientnet_lite0", "imagenet", WHOLE),
     "lite0-random-whole": ("efficientnet_lite0", "random", WHOLE),
     "mobilenet_v2-random-frozen": ("mobilenet_v2", "random", FROZEN),

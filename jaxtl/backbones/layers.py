@@ -46,9 +46,46 @@ class BatchNorm(nn.Module):
         return x * scale.astype(x.dtype) + (beta - mean * scale).astype(x.dtype)
 
 
+def depthwise_same(x, kernel, strides: int):
+    """A depthwise conv with TF 'SAME' padding as k*k shifted multiply-adds (kernel (k, k, 1, C)): on XLA:CPU
+    5-40x faster than its grouped convolution, forward and backward (benchmarks/depthwise.py)."""
+    kh, kw = kernel.shape[:2]
+    _, h, w, _ = x.shape
+    oh, ow = -(-h // strides), -(-w // strides)
+    ph, pw = max((oh - 1) * strides + kh - h, 0), max((ow - 1) * strides + kw - w, 0)
+    x = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    out = 0
+    for i in range(kh):
+        for j in range(kw):
+            rows, cols = slice(i, i + (oh - 1) * strides + 1, strides), slice(j, j + (ow - 1) * strides + 1, strides)
+            out = out + x[:, rows, cols] * kernel[i, j, 0]
+    return out
+
+
+class DepthwiseConv(nn.Module):
+    """`nn.Conv(C, groups=C)` with the same param (`kernel`, (k, k, 1, C)) and init; on CPU `depthwise_same`."""
+
+    kernel_size: int
+    strides: int = 1
+    dtype: Any = jnp.float32
+    init: Any = GLOROT
+
+    @nn.compact
+    def __call__(self, x):
+        k, c = self.kernel_size, x.shape[-1]
+        kernel = self.param("kernel", self.init, (k, k, 1, c), jnp.float32).astype(self.dtype)
+        x = x.astype(self.dtype)
+        if jax.default_backend() == "cpu":
+            return depthwise_same(x, kernel, self.strides)
+        return jax.lax.conv_general_dilated(x, kernel, (self.strides, self.strides), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+
 def conv(features: int, kernel: int, name: str, *, strides: int = 1, padding="SAME", bias: bool = False,
-         dtype=jnp.float32, init=GLOROT, groups: int = 1) -> nn.Conv:
+         dtype=jnp.float32, init=GLOROT, groups: int = 1) -> nn.Module:
     """A Keras-named 2-D convolution (`groups` = channels: a depthwise one)."""
+    if groups > 1 and groups == features and padding == "SAME" and not bias:
+        return DepthwiseConv(kernel, strides, dtype, init, name=name)
     return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding, use_bias=bias,
                    feature_group_count=groups, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
 
