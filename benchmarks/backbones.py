@@ -27,13 +27,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import CONFIGS, FSDD, HED, machine, run_config, write_results  # noqa: E402
+from jaxtl.config import WHOLE_FINETUNE  # noqa: E402
 
 FROZEN = {**CONFIGS["jaxtl"], "mode": "frozen", "head": "lda"}
-# Whole-base fine-tuning: every unit trains (split point 0, images in the step), the head reads the last
-# stage, SpecAugment-style masks, Adam 1e-3 with plateau cuts and early stopping on validation loss.
-WHOLE = {**CONFIGS["jaxtl"], "mode": "finetune", "finetune_convs": 99, "taps": "5", "head": "dense",
-         "lr": 1e-3, "base_lr": 1e-3, "epochs": 20, "patience": 6, "plateau_patience": 2, "time_mask": 8,
-         "freq_mask": 8, "batch_size": 32}
+WHOLE = {**CONFIGS["jaxtl"], **WHOLE_FINETUNE}  # the whole base trains (jaxtl.config: what --mode auto runs)
 # The last stage fine-tuned on the cached outputs of the stages before it (Lite0: stage 5, six blocks), mixup
 # in the step (it keeps the cache).
 LAST = {**CONFIGS["jaxtl"], "mode": "finetune", "finetune_convs": 6, "taps": "5", "head": "dense", "lr": 1e-3,
@@ -65,14 +62,14 @@ def _timed(f, *args, iters: int) -> float:
     return float(np.median(times))
 
 
-def speed_row(name: str, size: int, batch: int, iters: int) -> dict:
+def speed_row(name: str, size: int, batch: int, iters: int, dtype: str = "float32", step: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
 
     from jaxtl import backbones
 
-    module = backbones.get(name).module()
+    module = backbones.get(name).module(dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), jnp.float32)
     variables = jax.jit(module.init)(jax.random.PRNGKey(0), x[:1])
     forward = jax.jit(module.apply)
@@ -89,8 +86,8 @@ def speed_row(name: str, size: int, batch: int, iters: int) -> dict:
 
     params = variables["params"]
     t_forward = _timed(forward, variables, x, iters=iters)
-    t_step = _timed(step, params, tx.init(params), x, iters=max(2, iters // 2))
-    return {"backbone": name, "size": size, "batch": batch, "gmac_per_image": flops / 2 / batch / 1e9,
+    t_step = _timed(step, params, tx.init(params), x, iters=max(2, iters // 2)) if step else float("nan")
+    return {"backbone": name, "size": size, "batch": batch, "dtype": dtype, "gmac_per_image": flops / 2 / batch / 1e9,
             "forward_images_s": batch / t_forward, "finetune_step_images_s": batch / t_step}
 
 
@@ -101,16 +98,17 @@ def speed(args) -> None:
     rows = []
     for name in names:
         for size in map(int, args.sizes.split(",")):
-            rows.append(speed_row(name, size, args.batch, args.iters))
-            print(json.dumps(rows[-1]), flush=True)
+            for dtype in args.dtypes.split(","):
+                rows.append(speed_row(name, size, args.batch, args.iters, dtype, not args.forward_only))
+                print(json.dumps(rows[-1]), flush=True)
     m = machine()
-    table = (f"Backbone cost, float32, batch {args.batch}, whole base; {m['cpu']}, {m['cores']} cores, "
-             f"jax {m['jax']}\n\n"
-             "| backbone | size | GMAC / image (XLA) | frozen pass images/s | whole fine-tune step images/s |\n"
-             "| --- | ---: | ---: | ---: | ---: |\n"
-             + "".join(f"| {r['backbone']} | {r['size']} | {r['gmac_per_image']:.3f} | {r['forward_images_s']:.1f} | "
-                       f"{r['finetune_step_images_s']:.1f} |\n" for r in rows))
-    write_results(args.name or "backbones-speed", {"args": vars(args), "rows": rows, "machine": m}, table)
+    where = f"{m['device']}" if m["platform"] != "cpu" else f"{m['cpu']}, {m['cores']} cores"
+    table = (f"Backbone cost, batch {args.batch}, whole base; {where}, jax {m['jax']}\n\n"
+             "| backbone | size | dtype | GMAC / image (XLA) | frozen pass images/s | whole fine-tune step images/s |\n"
+             "| --- | ---: | --- | ---: | ---: | ---: |\n"
+             + "".join(f"| {r['backbone']} | {r['size']} | {r['dtype']} | {r['gmac_per_image']:.3f} | "
+                       f"{r['forward_images_s']:.1f} | {r['finetune_step_images_s']:.1f} |\n" for r in rows))
+    write_results(args.name or "backbones-speed", {"args": vars(args), "rows": rows, "machine": m}, table, args.out)
 
 
 def accuracy(args) -> None:
@@ -162,7 +160,10 @@ def main() -> None:
     p.add_argument("--sizes", default="64,96,128,224")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--dtypes", default="float32", help="comma list: float32, bfloat16")
+    p.add_argument("--forward-only", action="store_true", help="skip the fine-tune step")
     p.add_argument("--name", default=None)
+    p.add_argument("--out", default=None, help="results directory (default: $OUT, else benchmarks/results)")
     p = sub.add_parser("accuracy")
     p.add_argument("--protocol", default="loso", choices=("loso", "unseen", "data"))
     p.add_argument("--configs", default=",".join(STUDY))

@@ -8,6 +8,7 @@
 #   3. the frozen job end to end on the FSDD clips (decode + features on the host's cores, the prefix pass on
 #      the device, head epochs, test), at 224 in bf16 and at the default size, each stage's clips/s
 #   4. the host's feed rate per core (cached features -> images -> device) against the device's rate
+#   5. every backbone family's forward (the frozen pass) at 224, bfloat16 and float32, at step 1's largest batch
 # GPU_SH_SMALL=1 makes every part tiny, to check the script on a CPU (it measures nothing then).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,9 @@ step "1. VGG16 forward" 130 python3 benchmarks/forward.py --batch "$B" --dtype b
   --iters "$N" --out "$RES"
 step "2. train steps" 100 python3 benchmarks/step_time.py --batch "$B" --dtype bfloat16 --size "$S" \
   --steps "$STEPS" --modes frozen-cached,finetune-cached --peers torch --out "$RES"
-step "3. the frozen job end to end ($DATA)" 140 python3 benchmarks/stages.py --data "$DATA" --clips "$CLIPS" \
+step "3. the frozen job end to end ($DATA)" 120 python3 benchmarks/stages.py --data "$DATA" --clips "$CLIPS" \
   --size "$SIZES" --runs 1 --extra "--dtype $DT --batch-size 256" --name stages-gpu --out "$RES"
 step "4. host feed rate" 50 python3 benchmarks/input_pipeline.py --batch 256 --size "$S" --out "$RES"
+step "5. backbone forwards" 60 python3 benchmarks/backbones.py speed --sizes "$S" --dtypes bfloat16,float32 \
+  --batch "${B##*,}" --iters "$N" --forward-only --name backbones-forward-gpu --out "$RES"
 tar czf "$OUT/gpu-results.tgz" -C "$RES" . && ls -la "$RES" | tee -a "$LOG"

@@ -219,20 +219,27 @@ class TrainConfig:
         return (self.mode in ("frozen", "auto") and self.hidden == 0 and self.cache_prefix and not self.augment()
                 and not self.mixup)
 
-    def resolve_auto(self, n_clips: int, n_classes: int) -> tuple[TrainConfig, str]:
-        """(these settings with `--mode auto` replaced by the AUTO row measured nearest to `n_clips` training
-        clips per class, on a log scale; the reason, to print)."""
+    def resolve_auto(self, n_clips: int, n_classes: int, pretrained: bool = True) -> tuple[TrainConfig, str]:
+        """(these settings with `--mode auto` replaced by the row measured nearest to `n_clips` training clips per
+        class, on a log scale, in the backbone's table (AUTO_BACKBONES) or else VGG16's (AUTO); the reason)."""
         per_class = n_clips / max(n_classes, 1)
-        rows = [r for r in AUTO if r[1] != "scratch" or self.weights in (None, "random")]  # a given file is used
+        key = f"{self.backbone}:{'pretrained' if pretrained else 'random'}"
+        table, source, note = AUTO_BACKBONES.get(key), "benchmarks/backbones.py", ""
+        if table is None:
+            table, source = AUTO, "benchmarks/data_size.py"
+            note = "" if self.backbone == "vgg16" else f"; VGG16's table: {key} was not measured"
+        rows = [r for r in table if r[1] != "scratch" or self.weights in (None, "random")]  # a given file is used
         measured, mode, head = min(rows, key=lambda r: abs(np.log(max(per_class, 1) / r[0])))
-        reason = (f"{n_clips} training clips, {n_classes} classes ({per_class:.0f} a class): --mode {mode} --head "
-                  f"{head}, the best on validation data at the nearest measured size, {measured:g} clips a class "
-                  "(benchmarks/data_size.py)")
+        overrides = WHOLE_FINETUNE if mode == "finetune" and source.endswith("backbones.py") else {}
+        what = "whole-base fine-tuning (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")" if overrides \
+            else f"--mode {mode} --head {head}"
+        reason = (f"{n_clips} training clips, {n_classes} classes ({per_class:.0f} a class): {what}, the best on "
+                  f"validation data at the nearest measured size, {measured:g} clips a class ({source}){note}")
         if head != "dense" and not self.closed_form_head_fits():
             reason += (f"; --head dense instead: {head} needs --hidden 0, the prefix cache, no in-step augmentation "
                        "and no --mixup")
             head = "dense"
-        return dataclasses.replace(self, mode=mode, head=head), reason
+        return dataclasses.replace(self, **{**overrides, "mode": mode, "head": head}), reason
 
     @property
     def training_seed(self) -> int:
@@ -329,6 +336,18 @@ class Stage:
 AUTO: tuple[tuple[float, str, str], ...] = (
     (5, "frozen", "lda"), (10, "frozen", "lda"), (50, "frozen", "lda"), (100, "frozen", "lda"), (200, "frozen", "lda"),
 )
+
+# Whole-base fine-tuning as `benchmarks/backbones.py` measures it ("whole"), and `--mode auto` runs it where a
+# backbone's table picks `finetune`: every unit trains (split point 0, images in the step), the head reads the
+# last stage, SpecAugment-style masks, Adam 1e-3 with plateau cuts and early stopping on validation loss.
+WHOLE_FINETUNE: dict = {"mode": "finetune", "finetune_convs": 99, "taps": "5", "head": "dense", "lr": 1e-3,
+                        "base_lr": 1e-3, "epochs": 20, "patience": 6, "plateau_patience": 2, "time_mask": 8,
+                        "freq_mask": 8, "batch_size": 32}
+
+# `--mode auto` for other backbones and weights, "backbone:pretrained|random" -> rows as AUTO's, from `python
+# benchmarks/backbones.py accuracy` (validation accuracy; README, "Backbones"). A backbone and weights without a
+# row use AUTO, and the run says so.
+AUTO_BACKBONES: dict[str, tuple[tuple[float, str, str], ...]] = {}
 
 # Settings that differ from the seed recipe's, with the evidence in benchmarks/results (README, "Transfer
 # quality" and "The cheapest image"): standardised avg+max-pooled features of blocks 3 and 4 (block 5 added

@@ -110,7 +110,8 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     prep = prepare(cfg.data_spec(), mesh.size, tuple(local_positions(mesh)), log)
     seconds["split"] = time.perf_counter() - t
     if cfg.mode == "auto":  # the mode and head measured best for this much data (jaxtl.config.AUTO)
-        cfg, why = cfg.resolve_auto(int(np.sum(prep.train < prep.n_files)) + len(prep.val), len(prep.classes))
+        cfg, why = cfg.resolve_auto(int(np.sum(prep.train < prep.n_files)) + len(prep.val), len(prep.classes),
+                                    base_vars is not None)
         log(f"--mode auto: {why}")
         if cfg.mode == "scratch":  # only without a weight file (AUTO's rule)
             base_vars, weights_source, weights_digest = None, "random init (scratch)", "random"

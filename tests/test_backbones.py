@@ -169,6 +169,11 @@ def test_each_family_trains_evaluates_and_predicts(cfg, name):
                                   lr=1e-2, base_lr=1e-2, weights="random", out=cfg.out, cache_dir=cfg.cache_dir,
                                   workers=1, verbose=0)
     summary = run(cfg, log=quiet)
+    from jaxtl.restore import restore_run
+
+    spec = backbones.get(name)
+    saved = restore_run(cfg.out).variables["params"]["base"]
+    assert set(saved) == {u for u in spec.units if u != "pool1"}, name  # the family's own units, every one
     result = evaluate(cfg.out)
     assert result["accuracy"] == pytest.approx(summary["test_accuracy"]) and result["n"] == summary["n_test"]
     record = json.loads(Path(cfg.out, "split.json").read_text())

@@ -128,6 +128,21 @@ def test_mode_auto_picks_the_row_measured_nearest_to_the_clips_per_class(monkeyp
     assert choice(50, mlp) == ("frozen", "dense")
 
 
+def test_mode_auto_reads_the_backbones_own_table_and_says_when_it_has_none(monkeypatch):
+    import jaxtl.config
+
+    table = ((10, "frozen", "lda"), (100, "finetune", "dense"))
+    monkeypatch.setattr(jaxtl.config, "AUTO_BACKBONES", {"efficientnet_lite0:pretrained": table})
+    cfg = TrainConfig.from_recipe("jaxtl", mode="auto", backbone="efficientnet_lite0").validate()
+    small, _ = cfg.resolve_auto(100, 10, pretrained=True)
+    assert (small.mode, small.head, small.taps) == ("frozen", "lda", "3,4")
+    whole, why = cfg.resolve_auto(1000, 10, pretrained=True)  # the whole base trains, as the study ran it
+    assert {k: getattr(whole, k) for k in jaxtl.config.WHOLE_FINETUNE} == jaxtl.config.WHOLE_FINETUNE
+    assert whole.stages()[0].split.k == 0 and "benchmarks/backbones.py" in why
+    unmeasured, why = cfg.resolve_auto(1000, 10, pretrained=False)  # random Lite0: VGG16's table, said so
+    assert (unmeasured.mode, unmeasured.head) == ("frozen", "lda") and "efficientnet_lite0:random was not measured" in why
+
+
 def test_the_auto_table_is_what_data_size_measured():
     from jaxtl.config import AUTO
 
