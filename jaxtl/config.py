@@ -338,11 +338,13 @@ AUTO: tuple[tuple[float, str, str], ...] = (
 )
 
 # Whole-base fine-tuning as `benchmarks/backbones.py` measures it ("whole"), and `--mode auto` runs it where a
-# backbone's table picks `finetune`: every unit trains (split point 0, images in the step), the head reads the
-# last stage, SpecAugment-style masks, Adam 1e-3 with plateau cuts and early stopping on validation loss.
-WHOLE_FINETUNE: dict = {"mode": "finetune", "finetune_convs": 99, "taps": "5", "head": "dense", "lr": 1e-3,
-                        "base_lr": 1e-3, "epochs": 20, "patience": 6, "plateau_patience": 2, "time_mask": 8,
-                        "freq_mask": 8, "batch_size": 32}
+# backbone's table picks `finetune`: every unit trains (split point 0, images in the step) with BatchNorm on
+# batch statistics, a linear head on the last stage's average (no standardisation: the statistics would be
+# the initial base's), SpecAugment-style masks, Adam 1e-3 with plateau cuts and early stopping on validation
+# loss. (Inference-mode BatchNorm with standardised avg+max inputs at Adam 1e-3 did not train: README.)
+WHOLE_FINETUNE: dict = {"mode": "finetune", "finetune_convs": 99, "taps": "5", "pooling": "avg", "normalize": False,
+                        "bn": "train", "head": "dense", "lr": 1e-3, "base_lr": 1e-3, "epochs": 20, "patience": 6,
+                        "plateau_patience": 2, "time_mask": 8, "freq_mask": 8, "batch_size": 32}
 
 # `--mode auto` for other backbones and weights, "backbone:pretrained|random" -> rows as AUTO's, from `python
 # benchmarks/backbones.py accuracy` (validation accuracy; README, "Backbones"). A backbone and weights without a
