@@ -11,7 +11,7 @@ import jaxtl
 COMMANDS = {"train": "train a model (see `jaxtl train --help`)",
             "evaluate": "score a run on its test set or a labelled folder, and write its report",
             "predict": "top-k labels of audio files",
-            "weights": "fetch or inspect VGG16 weight files"}
+            "weights": "fetch, inspect or convert weight files (--backbone)"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,7 +155,7 @@ class TrainConfig:
     cache_dir: str | None = setting(".jaxtl_cache", "feature cache directory ('' to disable)")
     cache_prefix: bool = setting(True, "run the frozen prefix once per clip when inputs do not change")
     workers: int | None = setting(None, "feature extraction processes (default: all cores)")
-    stream_chunk: int = setting(2048, "clips whose features are extracted at a time, flowing into the frozen VGG16 "
+    stream_chunk: int = setting(2048, "clips whose features are extracted at a time, flowing into the frozen "
                                 "pass (memory holds one chunk); 0: every feature first")
     inputs: str = setting("auto", "where a head-only stage keeps its cached inputs: sharded over the devices, "
                           "replicated on each, or fed from the host per batch; auto: sharded if a device's share fits "

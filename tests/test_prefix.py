@@ -64,3 +64,19 @@ def test_a_non_finite_prefix_is_refused_before_it_is_cached(cfg, tmp_path, monke
     with pytest.raises(FloatingPointError, match="non-finite outputs for 40 of 40 clips"):
         run(cfg, log=quiet)
     assert not list((tmp_path / "cache").glob("prefix-*"))
+
+
+def test_the_prefix_key_names_the_backbone_and_the_weights_of_the_units_it_runs():
+    from jaxtl.backbones import get
+    from jaxtl.images import ImageSpec
+    from jaxtl.prefix import prefix_key
+
+    units = get("efficientnet_lite0").units
+    params = {"base": {u: {"kernel": np.full(3, i, np.float32)} for i, u in enumerate(units)}}
+    key = lambda p, u=units, k=4: prefix_key(p, u, k, ImageSpec(), "f", "float32", "3,4", "avgmax")  # noqa: E731
+    other_family = tuple(f"x{u}" for u in units)
+    assert key(params) != key({"base": {f"x{u}": v for u, v in params["base"].items()}}, other_family)
+    changed = {"base": {**params["base"], units[2]: {"kernel": np.zeros(3, np.float32)}}}
+    assert key(changed) != key(params)  # a frozen unit's weights
+    beyond = {"base": {**params["base"], units[9]: {"kernel": np.zeros(3, np.float32)}}}
+    assert key(beyond) == key(params)  # a unit past the split point does not change the cached outputs

@@ -66,6 +66,20 @@ class Normalization(nn.Module):
         return (x - mean.astype(x.dtype)) / jnp.maximum(jnp.sqrt(var), 1e-7).astype(x.dtype)
 
 
+class Stem(nn.Module):
+    """The first unit: (B0: Keras' rescaling and Normalization) -> 3x3 stride-2 conv -> BatchNorm -> activation."""
+
+    lite: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if not self.lite:
+            x = Normalization(name="normalization")(x * (1.0 / 255.0))
+        return ConvBN(32, 3, EPS, "relu6" if self.lite else "swish", strides=2, init=HE_FAN_OUT, dtype=self.dtype,
+                      name="stem")(x)
+
+
 class EfficientNet(nn.Module):
     """B0: [0, 255] NHWC in (its stem rescales and normalises, as Keras' model does); Lite0: `(x - 127) / 128`
     in. Out: (N, H/32, W/32, 1280)."""
@@ -80,9 +94,7 @@ class EfficientNet(nn.Module):
         x = x.astype(self.dtype)
         for i in range(start, stop):
             if i == 0:
-                if not self.lite:
-                    x = Normalization(name="normalization")(x * (1.0 / 255.0))
-                x = ConvBN(32, 3, EPS, act, strides=2, init=HE_FAN_OUT, dtype=self.dtype, name="stem")(x)
+                x = Stem(self.lite, self.dtype, name="stem")(x)
             elif i == len(UNITS) - 1:
                 x = ConvBN(1280, 1, EPS, act, init=HE_FAN_OUT, dtype=self.dtype, name="top")(x)
             else:
@@ -96,8 +108,8 @@ _BLOCK_PARTS = (("expand_conv", "conv"), ("expand_bn", "bn"), ("dwconv", "dwconv
 
 
 def _keras_layers():
-    out = [("normalization", ("normalization",), "norm"), ("stem_conv", ("stem", "conv"), "conv"),
-           ("stem_bn", ("stem", "bn"), "bn")]
+    out = [("normalization", ("stem", "normalization"), "norm"), ("stem_conv", ("stem", "stem", "conv"), "conv"),
+           ("stem_bn", ("stem", "stem", "bn"), "bn")]
     for name, _, _, _, e, _ in BLOCKS:
         out += [(f"{name}_{p}", (name, p), kind) for p, kind in _BLOCK_PARTS if e != 1 or not p.startswith("expand")]
     return out + [("top_conv", ("top", "conv"), "conv"), ("top_bn", ("top", "bn"), "bn")]
@@ -105,7 +117,7 @@ def _keras_layers():
 
 def _torch_layers():
     """The reference's state-dict names (`_blocks.N._depthwise_conv`, ...) -> jaxtl's, by block position."""
-    out = [("_conv_stem", ("stem", "conv"), "conv"), ("_bn0", ("stem", "bn"), "bn")]
+    out = [("_conv_stem", ("stem", "stem", "conv"), "conv"), ("_bn0", ("stem", "stem", "bn"), "bn")]
     parts = (("_expand_conv", "expand_conv", "conv"), ("_bn0", "expand_bn", "bn"), ("_depthwise_conv", "dwconv",
              "dwconv"), ("_bn1", "bn", "bn"), ("_project_conv", "project_conv", "conv"), ("_bn2", "project_bn", "bn"))
     for n, (name, _, _, _, e, _) in enumerate(BLOCKS):

@@ -40,8 +40,21 @@ class _Tensor:
     size: tuple[int, ...]
     stride: tuple[int, ...]
 
-    def array(self) -> np.ndarray:
+    def within(self, n: int) -> bool:
+        """Every element this size, stride and offset address lies in a storage of `n` elements."""
+        if min(self.stride, default=0) < 0 or min(self.size, default=0) < 0 or self.offset < 0:
+            return False
+        if 0 in self.size:
+            return True
+        return self.offset + sum((d - 1) * s for d, s in zip(self.size, self.stride)) < n
+
+    def array(self, path: str) -> np.ndarray:
         data = self.storage.data
+        if data is None:
+            raise TorchFileError(f"{path}: truncated (storage {self.storage.key} has no data)")
+        if not self.within(len(data)):
+            raise TorchFileError(f"{path}: a tensor reaches outside its storage (size {self.size}, stride "
+                                 f"{self.stride}, offset {self.offset}, storage of {len(data)})")
         item = data.itemsize
         out = np.lib.stride_tricks.as_strided(data[self.offset:], self.size, tuple(s * item for s in self.stride))
         out = np.array(out)  # a copy: the file's buffer is not kept
@@ -51,7 +64,9 @@ class _Tensor:
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    return _Tensor(storage, int(offset), tuple(size), tuple(stride))
+    if not isinstance(storage, _Storage):
+        raise TorchFileError(f"a tensor is built from a {type(storage).__name__}, not a storage")
+    return _Tensor(storage, int(offset), tuple(int(n) for n in size), tuple(int(s) for s in stride))
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None):
@@ -95,8 +110,8 @@ class _Unpickler(pickle.Unpickler):
 def _load(f, path, storages):
     try:
         return _Unpickler(f, path, storages).load()
-    except TorchFileError:
-        raise
+    except TorchFileError as e:
+        raise TorchFileError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
     except Exception as e:  # a truncated or foreign file: pickle raises many kinds
         raise TorchFileError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {e})") from None
 
@@ -108,12 +123,18 @@ def _read_legacy(f, path) -> object:
     _load(f, path, storages)  # protocol version
     _load(f, path, storages)  # system info
     result = _load(f, path, storages)
-    for key in _load(f, path, storages):
-        storage = storages[str(key)]
+    keys = _load(f, path, storages)
+    if not isinstance(keys, list):
+        raise TorchFileError(f"{path}: not a PyTorch file (no storage list)")
+    for key in keys:
+        storage = storages.get(str(key))
+        header = f.read(8)
+        if storage is None or len(header) != 8:
+            raise TorchFileError(f"{path}: truncated or inconsistent (storage {key})")
         dtype = np.dtype(storage.dtype)
-        count = int(np.frombuffer(f.read(8), "<i8")[0])
-        raw = f.read(count * dtype.itemsize)
-        if len(raw) != count * dtype.itemsize:
+        count = int(np.frombuffer(header, "<i8")[0])
+        raw = f.read(count * dtype.itemsize) if 0 <= count <= (1 << 40) else b""
+        if count < 0 or len(raw) != count * dtype.itemsize:
             raise TorchFileError(f"{path}: truncated (storage {key} ends early)")
         storage.data = np.frombuffer(raw, dtype)
     return result
@@ -129,7 +150,10 @@ def _read_zip(path) -> object:
         storages: dict[str, _Storage] = {}
         result = _load(io.BytesIO(z.read(pkl)), path, storages)
         for key, storage in storages.items():
-            storage.data = np.frombuffer(z.read(f"{prefix}data/{key}"), np.dtype(storage.dtype))
+            try:
+                storage.data = np.frombuffer(z.read(f"{prefix}data/{key}"), np.dtype(storage.dtype))
+            except KeyError:
+                raise TorchFileError(f"{path}: storage {key} is missing from the archive") from None
     return result
 
 
@@ -145,4 +169,4 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise TorchFileError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
-    return {str(k): v.array() for k, v in obj.items() if isinstance(v, _Tensor)}
+    return {str(k): v.array(path) for k, v in obj.items() if isinstance(v, _Tensor)}

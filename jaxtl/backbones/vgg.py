@@ -26,8 +26,8 @@ class VGG(nn.Module):
     Random init is Keras' own (Glorot-uniform kernels, zero biases), so `random` means the same here.
     """
 
-    layers: tuple[tuple[str, int], ...] = VGG16_LAYERS
     dtype: Any = jnp.float32
+    layers: tuple[tuple[str, int], ...] = VGG16_LAYERS
 
     @nn.compact
     def __call__(self, x, start: int = 0, stop: int | None = None):
@@ -50,7 +50,7 @@ def _spec(name: str, layers, md5: str, gmac: float) -> Backbone:
         ends.append(n)
     filename = f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5"
     return Backbone(
-        name=name, module=lambda dtype=jnp.float32: VGG(layers, dtype), units=tuple(n for n, _ in layers),
+        name=name, module=lambda dtype=jnp.float32: VGG(dtype, layers), units=tuple(n for n, _ in layers),
         stage_end=tuple(ends), preprocess="caffe", file_format="keras", gmac_224=gmac,
         layers=lambda: [(layer, (layer,), "conv") for layer, _ in layers],
         imagenet=Download(filename, f"https://storage.googleapis.com/tensorflow/keras-applications/{name}/{filename}",
