@@ -346,10 +346,14 @@ WHOLE_FINETUNE: dict = {"mode": "finetune", "finetune_convs": 99, "taps": "5", "
                         "bn": "train", "head": "dense", "lr": 1e-3, "base_lr": 1e-3, "epochs": 20, "patience": 6,
                         "plateau_patience": 2, "time_mask": 8, "freq_mask": 8, "batch_size": 32}
 
-# `--mode auto` for other backbones and weights, "backbone:pretrained|random" -> rows as AUTO's, from `python
-# benchmarks/backbones.py accuracy` (validation accuracy; README, "Backbones"). A backbone and weights without a
-# row use AUTO, and the run says so.
-AUTO_BACKBONES: dict[str, tuple[tuple[float, str, str], ...]] = {}
+# `--mode auto` for other backbones and weights, "backbone:pretrained|random" -> rows as AUTO's ("finetune":
+# WHOLE_FINETUNE), the best on validation at each size of `python benchmarks/backbones.py accuracy --protocol
+# data --train-clips 50|100|1000 --configs lite0-imagenet-frozen,lite0-imagenet-whole` (FSDD, 64x64, one seed;
+# benchmarks/results/backbones-data-s64-n*-cpu2.md; README, "Does ImageNet transfer here?"). A backbone and
+# weights without a row use AUTO, and the run says so.
+AUTO_BACKBONES: dict[str, tuple[tuple[float, str, str], ...]] = {
+    "efficientnet_lite0:pretrained": ((5, "frozen", "lda"), (10, "frozen", "lda"), (100, "finetune", "dense")),
+}
 
 # Settings that differ from the seed recipe's, with the evidence in benchmarks/results (README, "Transfer
 # quality" and "The cheapest image"): standardised avg+max-pooled features of blocks 3 and 4 (block 5 added

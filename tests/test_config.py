@@ -153,3 +153,16 @@ def test_the_auto_table_is_what_data_size_measured():
     for measured, mode, head in AUTO:
         best = max((r for r in rows if r["n_train"] / 10 == measured), key=lambda r: r["val_mean"])
         assert best["mode"] == mode + ("" if head == "dense" else f"+{head}")
+
+
+def test_the_backbone_auto_tables_are_what_the_backbone_study_measured():
+    from jaxtl.config import AUTO_BACKBONES
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    names = {"efficientnet_lite0:pretrained": {"lite0-imagenet-frozen": ("frozen", "lda"),
+                                               "lite0-imagenet-whole": ("finetune", "dense")}}
+    for key, table in AUTO_BACKBONES.items():
+        for measured, mode, head in table:
+            rows = json.loads((results / f"backbones-data-s64-n{int(measured * 10)}-cpu2.json").read_text())["rows"]
+            best = max((r for r in rows if r["config"] in names[key]), key=lambda r: r["val_mean"])
+            assert names[key][best["config"]] == (mode, head), (key, measured)
