@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CONFIGS, FSDD, HED, machine, run_config, write_results  # noqa: E402
+from common import CONFIGS, FSDD, HED, machine, median_seconds, run_config, write_results  # noqa: E402
 from jaxtl.config import WHOLE_FINETUNE  # noqa: E402
 
 FROZEN = {**CONFIGS["jaxtl"], "mode": "frozen", "head": "lda"}
@@ -55,18 +55,6 @@ STUDY = {  # name: (backbone, weights, overrides)
 }
 
 
-def _timed(f, *args, iters: int) -> float:
-    import jax
-
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def speed_row(name: str, size: int, batch: int, iters: int, dtype: str = "float32", step: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
@@ -90,8 +78,8 @@ def speed_row(name: str, size: int, batch: int, iters: int, dtype: str = "float3
         return optax.apply_updates(params, updates), opt
 
     params = variables["params"]
-    t_forward = _timed(forward, variables, x, iters=iters)
-    t_step = _timed(step, params, tx.init(params), x, iters=max(2, iters // 2)) if step else float("nan")
+    t_forward = median_seconds(forward, variables, x, iters=iters)
+    t_step = median_seconds(step, params, tx.init(params), x, iters=max(2, iters // 2)) if step else float("nan")
     return {"backbone": name, "size": size, "batch": batch, "dtype": dtype, "gmac_per_image": flops / 2 / batch / 1e9,
             "forward_images_s": batch / t_forward, "finetune_step_images_s": batch / t_step}
 

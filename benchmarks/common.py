@@ -43,6 +43,22 @@ def write_results(name: str, payload: dict, table: str, out_dir: str | os.PathLi
     return stem
 
 
+def median_seconds(f, *args, iters: int) -> float:
+    """Median wall time of `f(*args)` over `iters` synchronised calls, after one warm-up (the compile)."""
+    import time
+
+    import jax
+    import numpy as np
+
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 def finish_log_x_plot(fig, ax, path, xlabel: str, ylabel: str, legend_size: int = 8, dpi: int = 110) -> None:
     """The studies' plots: a log x axis, labels, grid and legend, saved and closed."""
     import matplotlib.pyplot as plt

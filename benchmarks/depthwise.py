@@ -10,26 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, write_results  # noqa: E402
+from common import machine, median_seconds, write_results  # noqa: E402
 
 SHAPES = ((64, 32, 3, 1), (64, 96, 3, 2), (32, 96, 3, 2), (16, 144, 3, 1), (8, 240, 5, 2), (4, 672, 5, 1))
-
-
-def _median(f, args, iters):
-    import jax
-
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
 
 
 def main() -> None:
@@ -49,9 +36,9 @@ def main() -> None:
         w = jnp.asarray(rng.normal(size=(k, k, 1, c)), jnp.float32)
         row = {"side": h, "channels": c, "kernel": k, "stride": s}
         for name, f in (("grouped", grouped), ("shifted", depthwise_same)):
-            row[f"{name}_ms"] = _median(jax.jit(f, static_argnums=2), (x, w, s), args.iters)
+            row[f"{name}_ms"] = 1e3 * median_seconds(jax.jit(f, static_argnums=2), x, w, s, iters=args.iters)
             grad = jax.jit(jax.grad(lambda x, w, f=f: f(x, w, s).sum(), argnums=(0, 1)))
-            row[f"{name}_grad_ms"] = _median(grad, (x, w), args.iters)
+            row[f"{name}_grad_ms"] = 1e3 * median_seconds(grad, x, w, iters=args.iters)
         row["max_abs_diff"] = float(jnp.abs(grouped(x, w, s) - depthwise_same(x, w, s)).max())
         rows.append(row)
     m = machine()
