@@ -55,7 +55,7 @@ STUDY = {  # name: (backbone, weights, overrides)
 }
 
 
-def speed_row(name: str, size: int, batch: int, iters: int, dtype: str = "float32", step: bool = True) -> dict:
+def speed_row(name: str, size: int, batch: int, iters: int, dtype: str = "float32", with_step: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -79,7 +79,7 @@ def speed_row(name: str, size: int, batch: int, iters: int, dtype: str = "float3
 
     params = variables["params"]
     t_forward = median_seconds(forward, variables, x, iters=iters)
-    t_step = median_seconds(step, params, tx.init(params), x, iters=max(2, iters // 2)) if step else float("nan")
+    t_step = median_seconds(step, params, tx.init(params), x, iters=max(2, iters // 2)) if with_step else float("nan")
     return {"backbone": name, "size": size, "batch": batch, "dtype": dtype, "gmac_per_image": flops / 2 / batch / 1e9,
             "forward_images_s": batch / t_forward, "finetune_step_images_s": batch / t_step}
 
