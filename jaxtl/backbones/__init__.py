@@ -53,5 +53,5 @@ def load_backbone(name: str, weights: str = "imagenet", seed: int = 0):
     module = get(name).module()
     variables, _ = resolve_weights(weights, backbone=name)
     if variables is None:
-        variables = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, 64, 64, 3)))
+        variables = jax.jit(module.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 64, 64, 3)))
     return module, jax.tree.map(jnp.asarray, variables)
