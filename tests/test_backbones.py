@@ -34,9 +34,10 @@ def _randomise_statistics(keras, model, rng):
             layer.finalize_state()  # Keras' Normalization reads its weights into `mean`/`variance` here
 
 
-# Building Keras' MobileNetV2 and EfficientNet-B0 takes 10-30 s of Python each: their runs are `slow` (the README's
-# test command deselects them; `pytest -n 2` runs them, and `benchmarks/parity.py` prints their errors).
-@pytest.fixture(scope="module", params=[n if n not in ("mobilenet_v2", "efficientnet_b0") else
+# Building Keras' MobileNetV2 and EfficientNet-B0 takes 10-30 s of Python each, and VGG19 runs VGG16's code (whose
+# parity tests/test_weights.py checks): their runs are `slow` (the README's test command deselects them;
+# `pytest -n 2` runs them, and `benchmarks/parity.py` prints their errors).
+@pytest.fixture(scope="module", params=[n if n not in ("vgg19", "mobilenet_v2", "efficientnet_b0") else
                                         pytest.param(n, marks=pytest.mark.slow) for n in KERAS_FAMILIES])
 def keras_files(request, tmp_path_factory):
     """(name, reference model, {format: file}): a Keras model of the family with random weights and statistics,
@@ -168,7 +169,7 @@ def test_each_family_trains_evaluates_and_predicts(cfg, name):
     """Frozen, and for Lite0 fine-tuning its last two units: BatchNorm of a fine-tuned block stays in inference
     mode, so gamma and beta train and the moving statistics are the initial ones after the run."""
     tune = name == "efficientnet_lite0"
-    cfg = TrainConfig.from_recipe("jaxtl", data=cfg.data, backbone=name, image_size=32, epochs=2 if tune else 1,
+    cfg = TrainConfig.from_recipe("jaxtl", data=cfg.data, backbone=name, image_size=32, epochs=1,
                                   batch_size=8, mode="finetune" if tune else "frozen", taps="5", finetune_convs=2,
                                   lr=1e-2, base_lr=1e-2, weights="random", out=cfg.out, cache_dir=cfg.cache_dir,
                                   workers=1, verbose=0)
