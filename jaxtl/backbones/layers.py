@@ -48,7 +48,7 @@ class BatchNorm(nn.Module):
 
 def depthwise_same(x, kernel, strides: int):
     """A depthwise conv with TF 'SAME' padding as k*k shifted multiply-adds (kernel (k, k, 1, C)): on XLA:CPU
-    5-40x faster than its grouped convolution, forward and backward (benchmarks/depthwise.py)."""
+    8-32x faster than its grouped convolution forward, 4-40x backward (benchmarks/depthwise.py)."""
     kh, kw = kernel.shape[:2]
     _, h, w, _ = x.shape
     oh, ow = -(-h // strides), -(-w // strides)
