@@ -43,14 +43,15 @@ def write_results(name: str, payload: dict, table: str, out_dir: str | os.PathLi
     return stem
 
 
-def median_seconds(f, *args, iters: int) -> float:
-    """Median wall time of `f(*args)` over `iters` synchronised calls, after one warm-up (the compile)."""
+def median_seconds(f, *args, iters: int, warmup: int = 1) -> float:
+    """Median wall time of `f(*args)` over `iters` synchronised calls, after `warmup` calls (the compile)."""
     import time
 
     import jax
     import numpy as np
 
-    jax.block_until_ready(f(*args))
+    for _ in range(warmup):
+        jax.block_until_ready(f(*args))
     times = []
     for _ in range(iters):
         t = time.perf_counter()

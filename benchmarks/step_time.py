@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, write_results  # noqa: E402
+from common import machine, median_seconds, write_results  # noqa: E402
 from jaxtl.config import DTYPES, TrainConfig  # noqa: E402
 from jaxtl.model import Classifier  # noqa: E402
 from jaxtl.split import SplitPoint  # noqa: E402
@@ -48,25 +48,12 @@ def _flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def _median_time(fn, args, steps: int, warmup: int = 2) -> float:
-    out = None
-    for _ in range(warmup):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def matmul_ceiling(dtype: str, steps: int = 10) -> float:
     n = 8192 if jax.devices()[0].platform != "cpu" else 2048
     dt = DTYPES[dtype]
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dt)
     f = jax.jit(lambda x: x @ x)
-    return 2 * n**3 / _median_time(f, (a,), steps)
+    return 2 * n**3 / median_seconds(f, a, iters=steps, warmup=2)
 
 
 def time_mode(name: str, batch: int, size: int, dtype: str, steps: int, classes: int = 10) -> dict:
@@ -89,7 +76,7 @@ def time_mode(name: str, batch: int, size: int, dtype: str, steps: int, classes:
     t = time.perf_counter()
     compiled = step.lower(state, b).compile()
     compile_s = time.perf_counter() - t
-    seconds = _median_time(lambda s, bb: compiled(s, bb)[1], (state, b), steps)
+    seconds = median_seconds(lambda s, bb: compiled(s, bb)[1], state, b, iters=steps, warmup=2)
     flops = _flops(compiled)
     return {"mode": name, "k": k, "cached": cached, "compile_s": compile_s, "step_s": seconds,
             "images_per_s": batch / seconds, "flops_per_step": flops,
