@@ -291,6 +291,13 @@ def _file_features_chunk(args):
 CLIPS_PER_WORKER = 1000
 
 
+def _leave_sigint_to_parent() -> None:
+    """Workers ignore Ctrl-C (sent to the whole terminal's process group): the parent stops them, quietly."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def extract(paths: list[str], cfg: FeatureConfig, workers: int | None = None, progress: bool = True,
             chunk: int = 64, perturb: list[Perturbation | None] | None = None,
             clips_per_worker: int = CLIPS_PER_WORKER) -> tuple[list[np.ndarray | None], list[BadAudio]]:
@@ -315,15 +322,17 @@ def extract(paths: list[str], cfg: FeatureConfig, workers: int | None = None, pr
         if workers > 1 and len(chunks) > 1:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["jaxtl.audio_worker"])
+            pool = ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx, initializer=_leave_sigint_to_parent)
             try:
-                with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as pool:
-                    for (c, _), r in zip(chunks, pool.map(_file_features_chunk, [(c, cfg, pc) for c, pc in chunks])):
-                        results.append(r)
-                        bar.update(len(c))
+                for (c, _), r in zip(chunks, pool.map(_file_features_chunk, [(c, cfg, pc) for c, pc in chunks])):
+                    results.append(r)
+                    bar.update(len(c))
             except BrokenProcessPool:
                 logging.getLogger(__name__).warning(
                     "feature worker processes died (a script that calls jaxtl needs an `if __name__ == "
                     "'__main__':` guard); extracting the remaining clips in this process")
+            finally:  # an interrupted run does not wait for the chunks not started
+                pool.shutdown(wait=True, cancel_futures=True)
         for c, pc in chunks[len(results):]:  # every chunk when no pool ran
             results.append(file_features(c, cfg, pc))
             bar.update(len(c))

@@ -3,6 +3,12 @@
 Both are append-only shards (`Shards`): a shard is written to a temporary file that gets a `complete` mark
 last and is then renamed into place, so a run killed mid-write leaves no file that reads as valid but is
 not; a new clip goes into a new shard, and a reader reads only the rows it asks for.
+
+Cached bytes are verified: every row of every dataset of a shard has its CRC-32 stored beside it
+(`crc32/<dataset>`), checked for each row read, and rows read must be finite. A shard that fails either is
+named in one warning, set aside (`rows-N.h5.damaged`) and its clips computed again. (HDF5's fletcher32 filter
+was tried first: it cannot tell a chunk overwritten with 0xff bytes, checksum included, from a sound one.)
+A cache that cannot be written (a full disk, no permission) is said once and the run goes on without caching.
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +27,41 @@ import h5py
 import numpy as np
 
 from jaxtl.audio import BadAudio, FeatureConfig, Perturbation, extract
+from jaxtl.disk import free_space, reason
+
+warn = logging.getLogger("jaxtl").warning
+
+class Damaged(Exception):
+    """Rows read from a cache that cannot be right (a CRC-32 that does not match, non-finite values)."""
+
+
+def row_crcs(data: np.ndarray) -> np.ndarray:
+    """The CRC-32 of each row (along axis 0) of `data`'s bytes."""
+    return np.array([zlib.crc32(np.ascontiguousarray(row).data) for row in data], np.uint32)
+
+
+def put(f: h5py.File, name: str, data: np.ndarray, crcs: np.ndarray | None = None) -> None:
+    """`data` as dataset `name`, with the CRC-32 of each row (or the given ones) as `crc32/<name>`."""
+    data = np.asarray(data)
+    f[name] = data
+    f[f"crc32/{name}"] = row_crcs(data) if crcs is None else crcs
+
+
+def verified(f: h5py.File, name: str, rows: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """`got`, rows `rows` of dataset `name` as stored, if their CRC-32s are the stored ones (a shard written
+    before jaxtl 0.5 has none)."""
+    if f"crc32/{name}" in f:
+        bad = int((row_crcs(got) != f[f"crc32/{name}"][rows]).sum())
+        if bad:
+            raise Damaged(f"{bad} of {len(rows)} rows of {name} fail their CRC-32")
+    return got
+
+
+def finite(a: np.ndarray) -> np.ndarray:
+    """`a`, if every value is finite (what a cache wrote always was)."""
+    if a.size and not np.isfinite(a).all():
+        raise Damaged(f"{int((~np.isfinite(a)).sum())} non-finite values")
+    return a
 
 
 @contextlib.contextmanager
@@ -76,24 +119,37 @@ class FeatureCache:
         return f.attrs.get("settings") == self.settings
 
     def read(self, keys: list[str]) -> dict[str, np.ndarray]:
-        """{key: features} of the `keys` some shard holds; each shard's rows read once, in one slice."""
+        """{key: features} of the `keys` some sound shard holds; each shard's rows read once, in one slice."""
         out: dict[str, np.ndarray] = {}
-        for f, rows in self.shards.rows_of(keys):
-            offsets, lengths, names = f["offsets"][:], f["lengths"][:], f["keys"][:]
+
+        def rows_of(f, rows):
+            every = np.arange(len(f["keys"]))
+            offsets, lengths = (verified(f, n, every, f[n][:]) for n in ("offsets", "lengths"))
+            names, crcs = f["keys"][:], f["crc32/flat"][:] if "crc32/flat" in f else None
+            got = {}
             for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1):  # each run of adjacent rows, once
                 lo = int(offsets[run[0]])
                 flat = f["flat"][..., lo:int(offsets[run[-1]] + lengths[run[-1]])]
                 for r in run:
-                    out[names[r].decode()] = flat[..., offsets[r] - lo:offsets[r] - lo + lengths[r]]
+                    clip = flat[..., offsets[r] - lo:offsets[r] - lo + lengths[r]]
+                    if crcs is not None and zlib.crc32(np.ascontiguousarray(clip).data) != crcs[r]:
+                        raise Damaged(f"the features of row {r} fail their CRC-32")
+                    got[names[r].decode()] = finite(clip)
+            return got
+
+        for got in self.shards.read(keys, rows_of):
+            out.update(got)
         return out
 
     def add(self, entries: dict[str, np.ndarray]) -> None:
         """Append the clips no shard holds yet as a new shard (old shards are never rewritten)."""
         def write(f, keys):
             lengths = np.array([entries[k].shape[-1] for k in keys], np.int64)
-            f["offsets"] = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-            f["lengths"] = lengths
-            f["flat"] = np.concatenate([entries[k] for k in keys], axis=-1).astype(np.float32)
+            put(f, "offsets", np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
+            put(f, "lengths", lengths)
+            flat = [entries[k].astype(np.float32) for k in keys]
+            put(f, "flat", np.concatenate(flat, axis=-1), crcs=np.array([zlib.crc32(np.ascontiguousarray(a).data)
+                                                                         for a in flat], np.uint32))
             f.attrs["settings"] = self.settings
 
         self.shards.append(sorted(entries), write)
@@ -104,14 +160,16 @@ class Shards:
     legacy single file read as the first shard.
 
     Each shard is written once, atomically (`atomic_h5`), under a lock, with only the keys no shard holds
-    yet: adding clips never rewrites old rows, and a reader reads only the rows it asks for. Incomplete or
-    unreadable shards count as absent. The key index is read once per instance and kept up to date with
-    its own appends.
+    yet: adding clips never rewrites old rows, and a reader reads only the rows it asks for. Incomplete
+    shards and those of other settings count as absent; damaged ones (a checksum or the file's structure
+    fails, or rows are non-finite) are set aside. The key index is read once per instance and kept up to
+    date with its own appends. A shard that cannot be written turns appending off for this instance.
     """
 
     def __init__(self, path: Path, valid=lambda f: True, legacy: Path | None = None):
         self.path, self.valid, self.legacy = path, valid, legacy
         self._index: dict[str, tuple[Path, int]] | None = None
+        self.writable = True
 
     def files(self) -> list[Path]:
         return ([self.legacy] if self.legacy is not None and self.legacy.is_file() else []) + \
@@ -122,38 +180,73 @@ class Shards:
         if self._index is None or refresh:
             self._index = {}
             for shard in self.files():
-                with contextlib.suppress(OSError, KeyError), h5py.File(shard, "r") as f:
-                    if f.attrs.get("complete") and self.valid(f):
-                        for r, k in enumerate(f["keys"][:]):
-                            self._index.setdefault(k.decode(), (shard, r))
+                try:
+                    with h5py.File(shard, "r") as f:
+                        keys = verified(f, "keys", np.arange(len(f["keys"])), f["keys"][:]) \
+                            if f.attrs.get("complete") and self.valid(f) else []
+                except (OSError, KeyError, ValueError, Damaged) as e:
+                    self.set_aside(shard, e)
+                    continue
+                for r, k in enumerate(keys):
+                    self._index.setdefault(k.decode(), (shard, r))
         return self._index
 
-    def rows_of(self, keys: list[str]):
-        """(open shard, increasing row numbers) for every shard holding some of `keys`."""
+    def read(self, keys: list[str], rows_of) -> list:
+        """`rows_of(open shard, increasing row numbers)` for every shard holding some of `keys`; a shard that
+        fails (its checksums, its structure, or `Damaged` rows) is set aside and its keys left unread."""
         by_shard: dict[Path, list[int]] = {}
         index = self.index()
         for k in keys:
             if k in index:
                 by_shard.setdefault(index[k][0], []).append(index[k][1])
+        out = []
         for shard, rows in by_shard.items():
-            with h5py.File(shard, "r") as f:
-                yield f, np.unique(np.array(rows, np.int64))
+            try:
+                with h5py.File(shard, "r") as f:
+                    out.append(rows_of(f, np.unique(np.array(rows, np.int64))))
+            except (OSError, KeyError, ValueError, Damaged) as e:
+                self.set_aside(shard, e)
+        return out
+
+    def set_aside(self, shard: Path, error: Exception) -> None:
+        """A damaged shard renamed `*.damaged` (kept for a look, never read again) and its keys forgotten, so
+        that its clips are computed again; one warning naming it."""
+        aside = shard.with_name(shard.name + ".damaged")
+        try:
+            os.replace(shard, aside)
+            where = f"set aside as {aside.name}"
+        except OSError:
+            where = "left in place (it cannot be renamed); delete it"
+        if self._index is not None:
+            self._index = {k: v for k, v in self._index.items() if v[0] != shard}
+        warn(f"warning: {shard}: damaged cache shard ({str(error).splitlines()[0][:160] or type(error).__name__}); "
+             f"{where}; its clips are computed again")
 
     def append(self, keys: list[str], write) -> list[str]:
         """`write(h5file, new_keys)` into a new shard for the `keys` no shard holds (another run may have added
-        some since this one read the index); returns the keys written."""
-        with locked(self.path):
-            index = self.index(refresh=True)
-            new = [k for k in keys if k not in index]
-            if not new:
-                return []
-            taken = [int(p.stem.split("-")[1]) for p in self.path.glob("rows-*.h5") if p.stem.split("-")[1].isdigit()]
-            shard = self.path / f"rows-{max(taken, default=-1) + 1:06d}.h5"  # a new name under the lock
-            with atomic_h5(shard) as f:
-                f["keys"] = np.array([k.encode() for k in new])
-                write(f, new)
-            index.update({k: (shard, r) for r, k in enumerate(new)})
-            return new
+        some since this one read the index); returns the keys written. A failed write (a full disk, no
+        permission) leaves no file, warns once and turns appending off: the run goes on without caching."""
+        if not self.writable:
+            return []
+        try:
+            with locked(self.path):
+                index = self.index(refresh=True)
+                new = [k for k in keys if k not in index]
+                if not new:
+                    return []
+                taken = [int(p.stem.split("-")[1]) for p in self.path.glob("rows-*.h5")
+                         if p.stem.split("-")[1].isdigit()]
+                shard = self.path / f"rows-{max(taken, default=-1) + 1:06d}.h5"  # a new name under the lock
+                with atomic_h5(shard) as f:
+                    put(f, "keys", np.array([k.encode() for k in new]))
+                    write(f, new)
+        except OSError as e:
+            self.writable = False
+            warn(f"warning: {self.path}: cannot write the cache: {reason(e)} ({free_space(self.path)} free there); "
+                 "going on without caching")
+            return []
+        index.update({k: (shard, r) for r, k in enumerate(new)})
+        return new
 
 
 def cached_features(paths: list[str], cfg: FeatureConfig, cache: FeatureCache | None, workers: int | None = None,
@@ -213,18 +306,24 @@ class ActivationCache:
         """(which of `keys` are stored, {name: (len(keys), ...) rows, those of clips not stored left zero});
         None for the rows when no clip is stored."""
         want = {k: i for i, k in enumerate(keys)}
-        found, out = np.zeros(len(keys), bool), None
-        for f, rows in self.shards.rows_of(keys):
+
+        def rows_of(f, rows):
             names = f["keys"][:]
-            dst = np.array([want[names[r].decode()] for r in rows], np.int64)
-            if out is None:
-                out = {n: np.zeros((len(keys),) + ds.shape[1:], ml_bfloat16() if ds.attrs.get("bfloat16")
-                                   else ds.dtype) for n, ds in f["acts"].items()}
+            got = {}
             for n, ds in f["acts"].items():
                 # increasing row numbers: h5py reads these rows only (it cannot select from an empty array:
                 # the taps of a split point before the first tapped block are (N, 0))
-                a = ds[rows] if ds.size else np.zeros((len(rows),) + ds.shape[1:], ds.dtype)
-                out[n][dst] = a.view(ml_bfloat16()) if ds.attrs.get("bfloat16") else a
+                a = verified(f, f"acts/{n}", rows, ds[rows] if ds.size else np.zeros((len(rows),) + ds.shape[1:],
+                                                                                       ds.dtype))
+                got[n] = finite(a.view(ml_bfloat16()) if ds.attrs.get("bfloat16") else a)
+            return np.array([want[names[r].decode()] for r in rows], np.int64), got
+
+        found, out = np.zeros(len(keys), bool), None
+        for dst, got in self.shards.read(keys, rows_of):
+            if out is None:
+                out = {n: np.zeros((len(keys),) + a.shape[1:], a.dtype) for n, a in got.items()}
+            for n, a in got.items():
+                out[n][dst] = a
             found[dst] = True
         return found, out
 
@@ -236,7 +335,7 @@ class ActivationCache:
             take = np.array([row[k] for k in new], np.int64)
             for name, a in acts.items():
                 bf16 = a.dtype == ml_bfloat16()
-                f[f"acts/{name}"] = (a[take].view(np.uint16) if bf16 else a[take])
+                put(f, f"acts/{name}", a[take].view(np.uint16) if bf16 else a[take])
                 f[f"acts/{name}"].attrs["bfloat16"] = bf16
 
         self.shards.append(keys, write)

@@ -12,6 +12,10 @@ costs ~0.1 s on CPU, more than a head-only epoch), so a killed run redoes at mos
 between the two resumes from the previous `latest` and redoes the epoch, so `best` is never older than
 the state a resumed run continues from.
 
+A save that fails for lack of space or permission stops the run with one line (`jaxtl.disk.DiskError`), its
+temporary directory removed and the saves before it readable. Orbax logs each failure it raises on absl's
+logger (three ERROR lines for one corrupt save); those are kept from the user, who gets jaxtl's one line.
+
 Reading tells corruption from mismatch: a save that cannot be read (I/O errors, missing or garbled
 files) is reported on stderr and the one before it is used; a save that reads but does not fit the run
 (an array of another shape) is an error naming the array and both shapes, never a silent fallback.
@@ -19,8 +23,10 @@ files) is reported on stderr and the one before it is used; a save that reads bu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxtl.disk import disk_error, os_error_code
 from jaxtl.split import SplitPoint
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,32 @@ def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
                                            cleanup_tmp_directories=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+    """Orbax's absl ERROR lines held back while it runs: jaxtl reports what failed, once."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+@contextlib.contextmanager
+def _saving(directory: Path, what: str):
+    """A save that fails on the disk: its temporary directory removed, one `DiskError` line."""
+    try:
+        with _orbax_quiet():
+            yield
+    except (OSError, ValueError) as e:
+        if os_error_code(e) is None:
+            raise
+        for partial in directory.glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        raise disk_error(directory, what, e) from None
 
 
 def _put(manager: ocp.CheckpointManager, step: int, args) -> None:
@@ -99,15 +132,17 @@ class Checkpoints:
             return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
         if best is not None:
-            _put(self.best, best[0], args(*best[1:]))
-        _put(self.latest, step, args(state, meta))
+            with _saving(self.directory / "best", f"save checkpoint step {best[0]}"):
+                _put(self.best, best[0], args(*best[1:]))
+        with _saving(self.directory / "latest", f"save checkpoint step {step}"):
+            _put(self.latest, step, args(state, meta))
 
     def save_frozen(self, params: dict) -> None:
         """The convs no stage trains, written once per run (a resumed run finds them in place)."""
         convs = jax.tree.map(np.asarray, self.frozen.partition(params)[0])
         path = (self.directory / "frozen").absolute()
         if convs and not path.exists():
-            with ocp.StandardCheckpointer() as c:
+            with _saving(self.directory, "save the run's frozen weights"), ocp.StandardCheckpointer() as c:
                 c.save(path, convs)
 
     def _restore_frozen(self, template: dict) -> dict:
@@ -116,7 +151,7 @@ class Checkpoints:
         path = (self.directory / "frozen").absolute()
         if not path.is_dir():
             raise CheckpointError(f"{path}: the run's frozen weights are missing")
-        with ocp.StandardCheckpointer() as c:
+        with ocp.StandardCheckpointer() as c, _orbax_quiet():
             try:
                 return c.restore(path, template)
             except CORRUPT as e:
@@ -152,27 +187,34 @@ class Checkpoints:
         if not steps:
             raise CheckpointError(f"{self.directory / which}: no checkpoint saved yet")
         errors = []
-        for s in steps:
-            try:
-                meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            except CORRUPT as e:
-                errors.append(self._unreadable(manager, s, "meta", e))
-                continue
-            try:
-                stored = manager.item_metadata(s)["state"]
-            except CORRUPT as e:
-                errors.append(self._unreadable(manager, s, "state", e))
-                continue
-            target = template_for(meta)
-            if stored is not None:  # None: orbax could not read the array metadata; the restore below says why
-                check_shapes(Path(manager.directory) / str(s), _params(target), _params(stored.tree))
-            try:
-                state = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-            except CORRUPT as e:
-                errors.append(self._unreadable(manager, s, "state", e))
-                continue
-            return state, meta, s
+        with _orbax_quiet():
+            for s in steps:
+                found = self._restore_step(manager, s, template_for, errors)
+                if found is not None:
+                    return found
         raise CheckpointError(f"{manager.directory}: no readable checkpoint ({'; '.join(errors)})")
+
+    def _restore_step(self, manager, s: int, template_for: Callable[[dict], Any], errors: list[str]):
+        """(state, meta, step) of save `s`, or None with the reason it is unreadable added to `errors`."""
+        try:
+            meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except CORRUPT as e:
+            errors.append(self._unreadable(manager, s, "meta", e))
+            return None
+        try:
+            stored = manager.item_metadata(s)["state"]
+        except CORRUPT as e:
+            errors.append(self._unreadable(manager, s, "state", e))
+            return None
+        target = template_for(meta)
+        if stored is not None:  # None: orbax could not read the array metadata; the restore below says why
+            check_shapes(Path(manager.directory) / str(s), _params(target), _params(stored.tree))
+        try:
+            state = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        except CORRUPT as e:
+            errors.append(self._unreadable(manager, s, "state", e))
+            return None
+        return state, meta, s
 
     @staticmethod
     def _unreadable(manager, step: int, part: str, error: Exception) -> str:

@@ -26,6 +26,8 @@ class EpochResult:
     clips: int
     seconds: float  # without compilation
     compile_seconds: float
+    totals: list  # [loss sum, correct count, row count] of the batches run, with those of a resumed part
+    stopped_after: int | None = None  # batches done when a stop request ended the pass early; None: complete
 
 
 def means(totals) -> tuple[float, float]:
@@ -40,19 +42,27 @@ def diverged(step: int, desc: str) -> FloatingPointError:
 
 
 def run_epoch(programs: EvalPrograms, state, feed: StepFeed, clip_ids: np.ndarray, batch_size: int, mesh,
-              rng, desc: str, train: bool, progress: bool = False):
-    """One pass over `clip_ids` (shuffled by `rng` when training); returns (state, EpochResult)."""
+              rng, desc: str, train: bool, progress: bool = False, stop=None, resume: dict | None = None):
+    """One pass over `clip_ids` (shuffled by `rng` when training); returns (state, EpochResult).
+
+    A training pass fed from the host asks `stop()` after each step and ends early when it says so
+    (`stopped_after`); `resume` ({"batches", "totals"} of such a pass) skips the batches it ran and goes on
+    with its totals, so the epoch ends as an uninterrupted one does. A scanned pass (one device program)
+    always runs whole."""
     with compile_time() as compiled:
         t0 = time.perf_counter()
         idx, mask = epoch_plan(clip_ids, feed.owner, mesh.size, batch_size,
                                np.random.default_rng(rng) if train else None)
         if programs.scanned and feed.table is not None:
             state, totals = _scanned(programs, state, feed, idx, mask, desc, train)
+            done = None
         else:
-            state, totals = _host_fed(programs, state, feed, idx, mask, mesh, desc, train, progress)
+            state, totals, done = _host_fed(programs, state, feed, idx, mask, mesh, desc, train, progress,
+                                            stop if train else None, resume or {"batches": 0, "totals": [0, 0, 0]})
         wall = time.perf_counter() - t0
     loss, acc = means(totals)
-    return state, EpochResult(loss, acc, int(np.asarray(totals)[2]), wall - compiled[0], compiled[0])
+    return state, EpochResult(loss, acc, int(np.asarray(totals)[2]), wall - compiled[0], compiled[0],
+                              np.asarray(totals, np.float64).tolist(), done)
 
 
 def class_logits(programs: EvalPrograms, state, feed: StepFeed, clip_ids: np.ndarray, batch_size: int, mesh,
@@ -91,14 +101,16 @@ def _scanned(programs, state, feed: StepFeed, idx, mask, desc: str, train: bool)
     return state, per_step.sum(0)
 
 
-def _host_fed(programs, state, feed: StepFeed, idx, mask, mesh, desc: str, train: bool, progress: bool):
+def _host_fed(programs, state, feed: StepFeed, idx, mask, mesh, desc: str, train: bool, progress: bool, stop,
+              resume: dict):
     from tqdm.auto import tqdm
 
-    host = ((ids, m, feed(ids)) for ids, m in (local_rows(mesh, i, m) for i, m in zip(idx, mask)))
-    totals, first_bad = jnp.zeros(3), jnp.asarray(-1)
+    first = resume["batches"]
+    host = ((ids, m, feed(ids)) for ids, m in (local_rows(mesh, i, m) for i, m in zip(idx[first:], mask[first:])))
+    totals, first_bad, stopped = jnp.asarray(resume["totals"], jnp.float32), jnp.asarray(-1), None
     show = progress and is_main_process()
-    with tqdm(total=len(idx), desc=desc, unit="batch", disable=not show, leave=False) as bar:
-        for i, (ids, m, x) in enumerate(prefetch(host)):
+    with tqdm(total=len(idx), initial=first, desc=desc, unit="batch", disable=not show, leave=False) as bar:
+        for i, (ids, m, x) in enumerate(prefetch(host), start=first):
             batch = global_batch(mesh, {"x": x, "y": feed.y[ids].astype(np.int32), "mask": m})
             if train:
                 state, metrics = programs.train(state, batch)
@@ -111,9 +123,12 @@ def _host_fed(programs, state, feed: StepFeed, idx, mask, mesh, desc: str, train
             if show and (i % 10 == 0 or i == len(idx) - 1):
                 loss, acc = means(totals)
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
+            if stop is not None and i < len(idx) - 1 and stop():  # a step boundary: a stop asked for ends here
+                stopped = i + 1
+                break
     if int(first_bad) >= 0:
         raise diverged(int(first_bad), desc)
-    return state, np.asarray(totals)
+    return state, np.asarray(totals), stopped
 
 
 class EpochBar:

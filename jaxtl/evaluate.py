@@ -22,7 +22,9 @@ from jaxtl.cache import file_key
 from jaxtl.checkpoint import CheckpointError
 from jaxtl.config import ConfigError
 from jaxtl.data import DataError, discover
+from jaxtl.disk import DiskError, write_text
 from jaxtl.images import RaggedFeatures
+from jaxtl.interrupt import quiet_on_signals
 from jaxtl.pipeline import usable_features
 from jaxtl.report import EVALUATION, save_confusion_png, scores, write_report
 from jaxtl.restore import RestoredRun, predict_logits, restore_run
@@ -63,13 +65,14 @@ def evaluate(run_dir: str, data: str | None = None, which: str = "best", on_bad_
               "predictions": pred.tolist(), "confusion_png": str(png), "skipped": [str(e) for e in skipped]}
     try:  # a run directory that cannot be written (trained elsewhere, read-only) still gets its scores
         save_confusion_png(result["confusion_matrix"], classes, png, f"evaluate: {what}")
-        (Path(run_dir) / EVALUATION).write_text(json.dumps(result))
+        write_text(Path(run_dir) / EVALUATION, json.dumps(result))
         write_report(run_dir)
-    except OSError as e:
+    except DiskError as e:
         logging.getLogger("jaxtl").warning(f"{run_dir}: scores not saved into the run directory ({e})")
     return result
 
 
+@quiet_on_signals
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxtl evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")

@@ -16,6 +16,7 @@ from jaxtl.audio import BadAudio
 from jaxtl.checkpoint import CheckpointError
 from jaxtl.config import ConfigError
 from jaxtl.data import DataError
+from jaxtl.interrupt import quiet_on_signals
 
 
 def predict(run_dir: str, files: list[str], top_k: int = 3, which: str = "best", progress: bool = True) -> list[dict]:
@@ -28,6 +29,7 @@ def predict(run_dir: str, files: list[str], top_k: int = 3, which: str = "best",
     return out
 
 
+@quiet_on_signals
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxtl predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")

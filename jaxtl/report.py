@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxtl.config import TrainConfig
+from jaxtl.disk import replaced, write_text
 
 EVALUATION = "evaluation.json"  # the latest `jaxtl evaluate` result in a run directory
 
@@ -52,7 +53,8 @@ def save_confusion_png(cm, classes: list[str], path: Path, title: str = "") -> N
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replaced(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -194,6 +196,6 @@ def write_report(run_dir) -> Path:
     """RUN/report.md and RUN/report.html from the run directory as it is now; returns the markdown's path."""
     run_dir = Path(run_dir)
     blocks = blocks_of(run_dir)
-    (run_dir / "report.md").write_text(to_markdown(blocks))
-    (run_dir / "report.html").write_text(to_html(blocks, run_dir))
+    write_text(run_dir / "report.md", to_markdown(blocks))
+    write_text(run_dir / "report.html", to_html(blocks, run_dir))
     return run_dir / "report.md"

@@ -8,7 +8,8 @@
     RUN/skipped.tsv     files left out by --on-bad-file skip, with the reason
     RUN/checkpoints/    see jaxtl.checkpoint
 
-Every file is written to a temporary name and renamed into place, so a killed run leaves whole files.
+Every file is written to a temporary name and renamed into place (`jaxtl.disk`), so a killed run, or one
+that found the disk full, leaves whole files.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from jaxtl.audio import BadAudio
 from jaxtl.data import DataError
+from jaxtl.disk import replaced, write_text
 from jaxtl.pipeline import Prepared
 
 SPLIT_RECORD = "split.json"
@@ -29,14 +31,8 @@ class RunDirError(Exception):
     """A run directory that cannot be used as asked; one line saying what to do."""
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj) -> None:
-    _write(path, json.dumps(obj, indent=1))
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def new_run_dir(out: str | None, recipe: str, resume: bool, several_processes: bool) -> Path:
@@ -111,11 +107,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:
-    _write(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def write_skipped(run_dir: Path, skipped: list[BadAudio]) -> None:
-    _write(Path(run_dir) / "skipped.tsv", "".join(f"{e.path}\t{e.reason}\n" for e in skipped))
+    write_text(Path(run_dir) / "skipped.tsv", "".join(f"{e.path}\t{e.reason}\n" for e in skipped))
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -142,5 +138,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replaced(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -152,6 +152,11 @@ def global_batch(mesh: Mesh, local):
 
 
 def replicate(mesh: Mesh, tree):
+    """`tree` on every device of the mesh. In a run of several processes the values go through the host
+    (every process holds the same ones): arrays committed to one local device, as a checkpoint restores them,
+    cannot be put across hosts."""
+    if jax.process_count() > 1:
+        tree = jax.tree.map(np.asarray, tree)
     return jax.device_put(tree, replicated(mesh))
 
 

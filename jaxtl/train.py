@@ -23,10 +23,12 @@ from jaxtl.cache import fingerprint
 from jaxtl.checkpoint import CheckpointError, Checkpoints
 from jaxtl.config import ConfigError, TrainConfig, config_from_args
 from jaxtl.data import DataError
+from jaxtl.disk import DiskError, writing
 from jaxtl.ensemble import train_ensemble
 from jaxtl.epochs import EpochBar, Plateau, class_logits, mean_loss, run_epoch
 from jaxtl.feed import StepFeed
 from jaxtl.heads import with_fitted_head
+from jaxtl.interrupt import Interrupted, StopRequests, quiet_on_signals
 from jaxtl.pipeline import load_features, prepare, settle_bad_files
 from jaxtl.prefix import advance, cached_prefix, head_input_statistics
 from jaxtl.report import EVALUATION, save_confusion_png, scores, write_report
@@ -84,9 +86,15 @@ def resolve_run_weights(mode: str, weights: str | None, backbone: str, log: Call
 
 
 def run(cfg: TrainConfig, log: Callable = print) -> dict:
-    """Train as `cfg` says; returns the summary (also written to OUT/summary.json)."""
+    """Train as `cfg` says; returns the summary (also written to OUT/summary.json). A SIGINT or SIGTERM
+    during the epochs saves at the next step boundary and raises `Interrupted` (see `jaxtl.interrupt`)."""
     if cfg.validate().ensemble > 1:  # members are runs of their own (jaxtl.ensemble)
         return train_ensemble(cfg, run, log)
+    with StopRequests() as stops:
+        return _run(cfg, log, stops)
+
+
+def _run(cfg: TrainConfig, log: Callable, stops: StopRequests) -> dict:
     # ---------------------------------------------------------------- setup: run directory, weights, mesh
     t_start = time.perf_counter()
     main_process = is_main_process()
@@ -95,8 +103,11 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     use_compile_cache(cfg.cache_dir)
     out = new_run_dir(cfg.out, cfg.recipe, cfg.resume, jax.process_count() > 1)
     cfg = dataclasses.replace(cfg, out=str(out))
+    resume_hint = f"continue with: jaxtl train --out {out} --resume"
+    stops.outside = f"interrupted before training began; the caches keep what was done; {resume_hint}"
     if main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        with writing(out, "create the run directory"):
+            out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", dataclasses.asdict(cfg))
     base_vars, weights_source, weights_digest = resolve_run_weights(cfg.mode, cfg.weights, cfg.backbone, notice)
     mesh = make_mesh()
@@ -130,7 +141,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     ckpt.save_frozen(params)
     meta_base = {"classes": prep.classes, "config": dataclasses.asdict(cfg), "weights": weights_source,
                  "weights_digest": weights_digest}
-    start_stage, start_epoch, plateau, resumed = 0, 0, Plateau(), None
+    start_stage, start_epoch, plateau, resumed, within = 0, 0, Plateau(), None, None
     if cfg.resume and ckpt.steps():  # state, epoch, stage and counters all from one save
         resumed, meta, step = ckpt.restore(cfg.state_template)
         if meta.get("weights_digest", weights_digest) != weights_digest:
@@ -138,7 +149,10 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
                                   f"{meta['weights_digest']}), this run resolved {weights_source} (digest "
                                   f"{weights_digest}); resume with the same --weights")
         start_stage, start_epoch, plateau = meta["stage"], meta["epoch"] + 1, Plateau(**meta["counters"])
-        notice(f"resumed {out} after stage {start_stage + 1} epoch {start_epoch} (step {step})")
+        within = meta.get("within")  # saved by a stop request in the middle of an epoch
+        notice(f"resumed {out} " + (f"in stage {start_stage + 1} epoch {start_epoch + 1} after batch "
+                                    f"{within['batches']} (step {step})" if within else
+                                    f"after stage {start_stage + 1} epoch {start_epoch} (step {step})"))
     elif cfg.resume:
         notice(f"--resume: {out} had saved no checkpoint yet; starting over")
     history = [h for h in read_metrics(out) if (h["stage"], h["epoch"]) < (start_stage, start_epoch)] \
@@ -178,6 +192,12 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
     # ---------------------------------------------------------------- stages and epochs
     rng = jax.random.PRNGKey(cfg.training_seed)
     state, steps_done, t = None, 0, time.perf_counter()
+    stops.deferred = True  # from here a signal is acted on at a step boundary, after a save
+
+    def interrupted(stage_index: int, epoch: int, step: int) -> Interrupted:
+        return Interrupted(stops.signal(), f"interrupted at stage {stage_index + 1} epoch {epoch + 1} (step {step}); "
+                           + resume_hint)
+
     for stage_index, stage in enumerate(stages):
         if stage_index < start_stage:
             continue
@@ -202,7 +222,7 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
             state = resumed
             try:
                 best_state, best_meta, _ = ckpt.restore(cfg.state_template, "best")
-                best_params = best_state.params if best_meta["stage"] == stage_index else None
+                best_params = replicate(mesh, best_state.params) if best_meta["stage"] == stage_index else None
             except CheckpointError as e:  # `best` keeps one save: lost, the run goes on from `latest`
                 notice(f"warning: {e}; the best model so far is taken from the resumed state")
         state = replicate(mesh, state)
@@ -217,7 +237,12 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
             desc = f"stage {stage_index + 1} epoch {epoch + 1}/{stage.epochs}"
             state, tr = run_epoch(programs, state, feed, prep.train, cfg.batch_size, mesh,
                                   [cfg.training_seed, stage_index, epoch], desc, train=cfg.head == "dense",
-                                  progress=cfg.progress)
+                                  progress=cfg.progress, stop=stops.signal, resume=within if epoch == first else None)
+            if tr.stopped_after is not None:  # a stop request mid-epoch: where it stood, saved, then stop
+                meta = {**meta_base, "stage": stage_index, "epoch": epoch - 1, "counters": dataclasses.asdict(plateau),
+                        "within": {"batches": tr.stopped_after, "totals": tr.totals}}
+                ckpt.save(int(state.step), state, meta, best_save)
+                raise interrupted(stage_index, epoch, int(state.step))
             val = None
             if len(prep.val):
                 _, val = run_epoch(programs, state, feed, prep.val, cfg.batch_size, mesh, None, "validation",
@@ -248,17 +273,22 @@ def run(cfg: TrainConfig, log: Callable = print) -> dict:
             meta = {**meta_base, "stage": stage_index, "epoch": epoch, "counters": dataclasses.asdict(plateau)}
             best_save = (int(state.step), state, meta) if improved else best_save
             last = epoch == stage.epochs - 1 or plateau.stop(cfg.patience)
-            if last or process_0_decides(time.perf_counter() - saved_at >= cfg.checkpoint_every):
+            stop = stops.signal()
+            if last or stop or process_0_decides(time.perf_counter() - saved_at >= cfg.checkpoint_every):
                 ckpt.save(int(state.step), state, meta, best_save)
                 best_save, saved_at = None, time.perf_counter()
+            if stop:
+                raise interrupted(stage_index, epoch, int(state.step))
             if plateau.stop(cfg.patience):
                 bar.write(f"early stopping after epoch {epoch + 1}: no validation improvement for {cfg.patience} "
                           "epochs", log)
                 break
         bar.close()
+        within = None
         state = state.replace(params=best_params)
         params, norm, steps_done, plateau = state.params, state.norm, int(state.step), Plateau()
     ckpt.close()
+    stops.deferred = False
     seconds["epochs"] = time.perf_counter() - t
 
     # ---------------------------------------------------------------- test and summary
@@ -334,9 +364,10 @@ sys.modules[__name__].__class__ = _CallableModule
 
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError, RunDirError, FloatingPointError,
-               ProcessMismatch)
+               ProcessMismatch, DiskError)
 
 
+@quiet_on_signals
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)

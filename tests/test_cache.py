@@ -205,3 +205,66 @@ def test_the_feature_cache_appends_new_clips_as_a_shard_and_reads_only_the_clips
     assert sorted(got) == sorted([keys[4], *apart])
     for k in (keys[4], *apart):
         np.testing.assert_array_equal(got[k], feats[keys.index(k)])
+
+
+def overwrite(shard, dataset: str, byte: int, n: int = 4096) -> None:
+    """The first `n` bytes (at most all) of `dataset`'s data in `shard` set to `byte`: bit rot."""
+    with h5py.File(shard, "r") as f:
+        offset, size = f[dataset].id.get_offset(), f[dataset].id.get_storage_size()
+    with open(shard, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(bytes([byte]) * min(n, size))
+
+
+@pytest.mark.parametrize("byte", [0x3F, 0xFF], ids=["finite-garbage", "nan"])
+def test_damaged_bytes_in_a_feature_shard_are_named_set_aside_and_recomputed(tmp_path, clips, caplog, byte):
+    cfg = FeatureConfig()
+    clean, _, _ = features(clips, cfg, tmp_path / "c", workers=1, progress=False)
+    (shard,) = FeatureCache(tmp_path / "c", cfg).shards.files()
+    overwrite(shard, "flat", byte)
+    again, _, (hits, misses) = features(clips, cfg, tmp_path / "c", workers=1, progress=False)
+    assert (hits, misses) == (0, 5)  # every clip of the damaged shard computed again, none read from it
+    for a, b in zip(again, clean):
+        np.testing.assert_array_equal(a, b)
+    (warning,) = [r.getMessage() for r in caplog.records if "damaged cache shard" in r.getMessage()]
+    assert str(shard) in warning and "computed again" in warning
+    assert shard.with_name(shard.name + ".damaged").is_file()  # set aside, for a look
+    assert features(clips, cfg, tmp_path / "c", workers=1, progress=False)[2] == (5, 0)  # the new shard serves
+
+
+def test_damaged_prefix_rows_are_set_aside_whether_checksummed_or_written_before_checksums(tmp_path, caplog):
+    rows = np.random.default_rng(0).normal(size=(6, 2048)).astype(np.float32)
+    store = cachelib.ActivationCache(tmp_path, "k")
+    store.add([f"c{i}" for i in range(3)], {"taps": rows[:3]})
+    store.add([f"c{i}" for i in range(3, 6)], {"taps": rows[3:]})
+    first, second = store.shards.files()
+    overwrite(first, "acts/taps", 0x3F)  # finite garbage: only the checksum can tell
+    with h5py.File(second, "r+") as f:  # as jaxtl 0.4 wrote it: no checksums, then NaN bytes
+        del f["acts/taps"], f["crc32"]
+        f["acts/taps"] = np.where(np.arange(3)[:, None] == 1, np.nan, rows[3:])
+        f["acts/taps"].attrs["bfloat16"] = False
+    found, got = cachelib.ActivationCache(tmp_path, "k").read([f"c{i}" for i in range(6)])
+    assert not found.any() and got is None
+    warnings = [r.getMessage() for r in caplog.records if "damaged cache shard" in r.getMessage()]
+    assert len(warnings) == 2 and str(first) in warnings[0] and "non-finite" in warnings[1]
+    store = cachelib.ActivationCache(tmp_path, "k")
+    store.add([f"c{i}" for i in range(6)], {"taps": rows})  # computed again, into a shard of their own
+    found, got = store.read([f"c{i}" for i in range(6)])
+    assert found.all() and np.array_equal(got["taps"], rows)
+
+
+def test_a_cache_that_cannot_be_written_warns_once_and_the_work_goes_on(tmp_path, clips, caplog, monkeypatch):
+    import errno
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(h5py.File, "flush", full)  # the fault at the write call
+    cache = FeatureCache(tmp_path / "c", FeatureConfig())
+    feats, errors, (hits, misses) = cached_features(clips[:3], FeatureConfig(), cache, workers=1, progress=False)
+    assert len([f for f in feats if f is not None]) == 3 and not errors and misses == 3
+    cached_features(clips[3:], FeatureConfig(), cache, workers=1, progress=False)
+    (warning,) = [r.getMessage() for r in caplog.records if "cache" in r.getMessage()]
+    assert warning.startswith(f"warning: {cache.shards.path}: cannot write the cache: No space left on device (")
+    assert warning.endswith(" free there); going on without caching")
+    assert [p.name for p in (tmp_path / "c").rglob("*") if not p.name.endswith(".lock") and p.is_file()] == []

@@ -230,6 +230,84 @@ def test_sigkill_mid_checkpoint_save_resumes_from_the_previous_one(whole, tmp_pa
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+SIGNALLED = textwrap.dedent("""
+    import json, os, sys, time
+    from jaxtl import train
+    from jaxtl.config import TrainConfig
+    from jaxtl.steps import TrainPrograms
+    given, n, go = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]  # a config, or the command's flags
+    real_init, calls = TrainPrograms.__init__, []
+    def init(self, *a, **k):  # before the n-th train step: say so, and wait until the signal has been sent
+        real_init(self, *a, **k)
+        step = self.train
+        def counted(*a, **k):
+            calls.append(1)
+            if len(calls) == n:
+                print("ready", flush=True)
+                while not os.path.exists(go):
+                    time.sleep(0.01)
+            return step(*a, **k)
+        self.train = counted
+    TrainPrograms.__init__ = init
+    if isinstance(given, dict):  # the command line as a user runs it, on this config
+        train.config_from_args = lambda argv: TrainConfig(**given)
+    sys.exit(train.main(given if isinstance(given, list) else []))
+""")
+
+
+def _signalled_run(cfg, sig: int, n: int, tmp_path) -> subprocess.CompletedProcess:
+    """`cfg` run by `jaxtl train` in a session of its own, sent `sig` from outside just before its n-th train
+    step (between two steps), then left to finish."""
+    go = tmp_path / f"sent-{sig}"
+    proc = _signalled(dataclasses.asdict(cfg), n, go)
+    try:
+        _wait_until_ready(proc)
+        proc.send_signal(sig)
+        go.touch()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _signalled(given: dict | list, n: int, go: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SIGNALLED, json.dumps(given), str(n), str(go)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_until_ready(proc: subprocess.Popen) -> None:
+    """Read `proc`'s output up to its "ready" line (killed after 300 s: a run that never gets there fails)."""
+    import threading
+
+    timer = threading.Timer(300, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            if line.strip() == "ready":
+                return
+        raise AssertionError(f"exited ({proc.wait()}) before its signal: {proc.stderr.read()[-2000:]}")
+    finally:
+        timer.cancel()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_between_two_steps_saves_there_says_how_to_resume_and_the_resumed_run_ends_uninterrupted(
+        whole, tmp_path, sig):
+    cfg = dataclasses.replace(whole, out=str(tmp_path / "run"), checkpoint_every=1e9)  # no timed save would come
+    per_epoch = metrics(whole.out)[0]["step"]
+    done = _signalled_run(cfg, sig, per_epoch + 2, tmp_path)  # in epoch 2, after its first step
+    assert done.returncode == 128 + sig, done.stderr[-2000:]
+    assert done.stderr.strip() == (f"interrupted at stage 1 epoch 2 (step {per_epoch + 2}); continue with: jaxtl "
+                                   f"train --out {cfg.out} --resume")  # one line, no traceback
+    assert Checkpoints(Path(cfg.out) / "checkpoints").steps() == [per_epoch + 2]
+    logs = []
+    run(dataclasses.replace(cfg, resume=True), log=logs.append)
+    assert any(f"in stage 1 epoch 2 after batch 2 (step {per_epoch + 2})" in line for line in logs), logs
+    np.testing.assert_allclose(losses(cfg.out), losses(whole.out), rtol=1e-5)
+    np.testing.assert_allclose([r["val_loss"] for r in metrics(cfg.out)], [r["val_loss"] for r in metrics(whole.out)],
+                               rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def one_process(data_dir, tmp_path_factory):
     """The run every multi-device and multi-process run below must follow, in one process on one device."""
@@ -353,15 +431,18 @@ TWO_PROCESSES = textwrap.dedent("""
 """)
 
 
-def _two_processes(argv: list[str], per_process: list[list[str]], devices: int = 1) -> list[subprocess.Popen]:
-    """`python -m jaxtl.train ARGV` as processes 0 and 1 of one run on 127.0.0.1, each with `devices` CPU
-    devices (finished, output read)."""
+def _free_port() -> str:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    argv = argv + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def _two_processes(argv: list[str], per_process: list[list[str]], devices: int = 1) -> list[subprocess.Popen]:
+    """`python -m jaxtl.train ARGV` as processes 0 and 1 of one run on 127.0.0.1, each with `devices` CPU
+    devices (finished, output read)."""
+    argv = argv + ["--coordinator", _free_port(), "--num-processes", "2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, json.dumps(argv + ["--process-id", str(i)]
                                                                                + per_process[i])],
@@ -383,6 +464,38 @@ def test_two_processes_with_different_weights_stop_naming_them(one_process, tmp_
     procs = _two_processes(argv, [["--weights", "random"], ["--weights", str(file)]])
     assert [p.returncode for p in procs] == [2, 2], procs[0].output[-3000:]
     assert "the processes hold different weights (processes [0] vs [1])" in procs[0].output
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_saved_and_resumed_they_end_uninterrupted(
+        one_process, tmp_path):
+    flags = ["--recipe", "seed", "--mode", "finetune", "--data", one_process[0].data, "--image-size", "32",
+             "--epochs", "2", "--batch-size", "8", "--weights", "random", "--normalize", "--workers", "1",
+             "--verbose", "0", "--patience", "0", "--checkpoint-every", "1e9", "--cache-dir", str(tmp_path / "cache")]
+    reference = str(tmp_path / "reference")  # the same run, uninterrupted, in one process of two devices
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    done = subprocess.run([sys.executable, "-c", TWO_PROCESSES, json.dumps(flags + ["--out", reference])], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:]
+    per_epoch = metrics(reference)[0]["step"]
+    out, go = str(tmp_path / "two"), tmp_path / "sent"
+    coordinator = _free_port()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    procs = [_signalled(flags + ["--out", out, "--coordinator", coordinator, "--num-processes", "2", "--process-id",
+                                 str(i)], per_epoch + 2 if i == 1 else 0, go, env) for i in range(2)]
+    try:
+        _wait_until_ready(procs[1])
+        procs[1].send_signal(signal.SIGTERM)  # process 1 only, between two steps of epoch 2
+        go.touch()
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    line = f"interrupted at stage 1 epoch 2 (step {per_epoch + 2}); continue with: jaxtl train --out {out} --resume"
+    assert [p.returncode for p in procs] == [143, 143] and [e.strip() for e in errs] == [line, line], errs
+    assert Checkpoints(Path(out) / "checkpoints").steps() == [per_epoch + 2]
+    procs = _two_processes(["--out", out, "--resume", "--verbose", "0"], [[], []])
+    assert all(p.returncode == 0 for p in procs), procs[0].output[-3000:] + procs[1].output[-3000:]
+    np.testing.assert_allclose(losses(out), losses(reference), rtol=1e-4)
 
 
 def test_bad_files_stop_the_run_or_are_skipped_and_reported(cfg, tmp_path, capsys):

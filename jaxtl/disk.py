@@ -1,0 +1,80 @@
+"""Writing to disk without losing work: whole files or none, and a full or read-only disk said in one line.
+
+A failed write (no space, no permission, a read-only filesystem) becomes a `DiskError` naming the path, what
+was being written and the free space left there; the callers decide what it costs: a cache goes on without
+caching, a run directory or checkpoint stops the run (exit 2) with what it saved before left readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+
+class DiskError(Exception):
+    """A write that failed for lack of space or permission; one line naming the path and the free space."""
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """The free space on the filesystem holding `path` (or its nearest existing parent), for people."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return "unknown space"
+    for unit in ("B", "KB", "MB", "GB"):
+        if free < 1024 or unit == "GB":
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return ""  # not reached
+
+
+def os_error_code(e: BaseException) -> int | None:
+    """The errno behind `e`: an OSError's own, or the one tensorstore (orbax) writes into its ValueError."""
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    found = re.search(r"os_error_code='?(\d+)", str(e)) or re.search(r"\[Errno (\d+)\]", str(e))
+    return int(found.group(1)) if found else None
+
+
+def reason(e: BaseException) -> str:
+    code = os_error_code(e)
+    return os.strerror(code) if code else (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def disk_error(path: str | os.PathLike, what: str, e: BaseException) -> DiskError:
+    return DiskError(f"{path}: cannot {what}: {reason(e)} ({free_space(path)} free there)")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, what: str):
+    """Turn an OSError raised inside into a one-line `DiskError` about `path` and `what`."""
+    try:
+        yield
+    except OSError as e:
+        raise disk_error(path, what, e) from None
+
+
+@contextlib.contextmanager
+def replaced(path: str | os.PathLike, what: str | None = None):
+    """A temporary name beside `path` (same suffix) to write into; renamed into place when the block ends: a
+    killed or failed write leaves the old file whole and no temporary file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        with writing(path, what or f"write {path.name}"):
+            yield tmp
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str, what: str | None = None) -> None:
+    with replaced(path, what) as tmp:
+        tmp.write_text(text)
