@@ -27,6 +27,8 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxtl.disk import disk_error, os_error_code
+from jaxtl.disk import check_room, disk_error, os_error_code
 from jaxtl.split import SplitPoint
 
 log = logging.getLogger(__name__)
@@ -68,17 +70,36 @@ def _orbax_quiet():
 
 
 @contextlib.contextmanager
-def _saving(directory: Path, what: str):
-    """A save that fails on the disk: its temporary directory removed, one `DiskError` line."""
+def _saving(directory: Path, what: str, tree):
+    """A save of `tree` that cannot fit is refused before it starts; one that fails on the disk midway has its
+    temporary directory removed (again, while orbax's writer threads wind down); either is one `DiskError` line.
+
+    When a save fails, tensorstore's callbacks still post to orbax's closed event loop, each a "RuntimeError:
+    Event loop is closed" traceback on stderr (as unraisable exceptions, during the save and after it): those
+    alone are dropped while a save runs, and from a failed one on, so the run's one line is what the user reads.
+    """
+    check_room(directory, sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(tree)), what)
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: None if _closed_loop(u.exc_value) else previous(u)
     try:
         with _orbax_quiet():
             yield
     except (OSError, ValueError) as e:
         if os_error_code(e) is None:
             raise
-        for partial in directory.glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(partial, ignore_errors=True)
+        for _ in range(20):
+            partial = list(directory.glob("*.orbax-checkpoint-tmp*"))
+            for p in partial:
+                shutil.rmtree(p, ignore_errors=True)
+            if not partial and _ > 0:
+                break
+            time.sleep(0.05)
         raise disk_error(directory, what, e) from None
+    sys.unraisablehook = previous
+
+
+def _closed_loop(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
 
 
 def _put(manager: ocp.CheckpointManager, step: int, args) -> None:
@@ -127,22 +148,22 @@ class Checkpoints:
     def save(self, step: int, state, meta: dict, best: tuple[int, Any, dict] | None = None) -> None:
         """`state` as the newest `latest`; first, when given, the best epoch since the last save as `best`
         ((step, state, meta); often this very epoch)."""
-        def args(state, meta):
+        def put(manager, step, state, meta):
             state = self._trained_part(state)
-            return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+            with _saving(Path(manager.directory), f"save checkpoint step {step}", state):
+                _put(manager, step, ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)))
 
         if best is not None:
-            with _saving(self.directory / "best", f"save checkpoint step {best[0]}"):
-                _put(self.best, best[0], args(*best[1:]))
-        with _saving(self.directory / "latest", f"save checkpoint step {step}"):
-            _put(self.latest, step, args(state, meta))
+            put(self.best, *best)
+        put(self.latest, step, state, meta)
 
     def save_frozen(self, params: dict) -> None:
         """The convs no stage trains, written once per run (a resumed run finds them in place)."""
         convs = jax.tree.map(np.asarray, self.frozen.partition(params)[0])
         path = (self.directory / "frozen").absolute()
         if convs and not path.exists():
-            with _saving(self.directory, "save the run's frozen weights"), ocp.StandardCheckpointer() as c:
+            with _saving(self.directory, "save the run's frozen weights", convs), ocp.StandardCheckpointer() as c:
                 c.save(path, convs)
 
     def _restore_frozen(self, template: dict) -> dict:

@@ -8,6 +8,7 @@ caching, a run directory or checkpoint stops the run (exit 2) with what it saved
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -18,20 +19,38 @@ class DiskError(Exception):
     """A write that failed for lack of space or permission; one line naming the path and the free space."""
 
 
-def free_space(path: str | os.PathLike) -> str:
-    """The free space on the filesystem holding `path` (or its nearest existing parent), for people."""
+def size(nbytes: float) -> str:
+    """A byte count for people: 1020.0 KB, 58.9 MB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""  # not reached
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """The free bytes on the filesystem holding `path` (or its nearest existing parent); None if unknown."""
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
     try:
-        free = shutil.disk_usage(p).free
+        return shutil.disk_usage(p).free
     except OSError:
-        return "unknown space"
-    for unit in ("B", "KB", "MB", "GB"):
-        if free < 1024 or unit == "GB":
-            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
-        free /= 1024
-    return ""  # not reached
+        return None
+
+
+def free_space(path: str | os.PathLike) -> str:
+    free = free_bytes(path)
+    return "unknown space" if free is None else size(free)
+
+
+def check_room(path: str | os.PathLike, nbytes: int, what: str) -> None:
+    """A `DiskError` before a write of about `nbytes` that cannot fit: a library that fails midway (orbax)
+    leaves threads writing and noise behind, a refusal up front leaves nothing."""
+    free = free_bytes(path)
+    if free is not None and free < nbytes:
+        raise DiskError(f"{path}: cannot {what}: {os.strerror(errno.ENOSPC)} (needs {size(nbytes)}, "
+                        f"{size(free)} free there)")
 
 
 def os_error_code(e: BaseException) -> int | None:
