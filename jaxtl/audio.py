@@ -329,7 +329,7 @@ def extract(paths: list[str], cfg: FeatureConfig, workers: int | None = None, pr
                     bar.update(len(c))
             except BrokenProcessPool:
                 logging.getLogger(__name__).warning(
-                    "feature worker processes died (a script that calls jaxtl needs an `if __name__ == "
+                    "warning: feature worker processes died (a script that calls jaxtl needs an `if __name__ == "
                     "'__main__':` guard); extracting the remaining clips in this process")
             finally:  # an interrupted run does not wait for the chunks not started
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -139,8 +139,9 @@ class Checkpoints:
     def __init__(self, directory: str | os.PathLike, keep: int = 2, frozen: SplitPoint | None = None):
         self.directory = Path(directory)
         self.frozen = frozen
-        self.latest = _manager(self.directory / "latest", keep)
-        self.best = _manager(self.directory / "best", 1)
+        with _orbax_quiet():  # reading the saves there: a damaged one is jaxtl's to report, at restore
+            self.latest = _manager(self.directory / "latest", keep)
+            self.best = _manager(self.directory / "best", 1)
 
     def _trained_part(self, state):
         return state if self.frozen is None else state.replace(params=self.frozen.partition(state.params)[1])
@@ -181,8 +182,9 @@ class Checkpoints:
 
     def steps(self, which: str = "latest") -> list[int]:
         manager = getattr(self, which)
-        manager.reload()
-        return sorted(manager.all_steps())
+        with _orbax_quiet():
+            manager.reload()
+            return sorted(manager.all_steps())
 
     def restore(self, template: Any | Callable[[dict], Any], which: str = "latest") -> tuple[Any, dict, int]:
         """(state, its meta, its step) of the newest readable save in `which`; state and meta always come
@@ -203,8 +205,7 @@ class Checkpoints:
 
     def _restore(self, template_for: Callable[[dict], Any], which: str) -> tuple[Any, dict, int]:
         manager = getattr(self, which)
-        manager.reload()
-        steps = sorted(manager.all_steps(), reverse=True)
+        steps = self.steps(which)[::-1]
         if not steps:
             raise CheckpointError(f"{self.directory / which}: no checkpoint saved yet")
         errors = []
@@ -240,9 +241,10 @@ class Checkpoints:
     @staticmethod
     def _unreadable(manager, step: int, part: str, error: Exception) -> str:
         reason = f"step {step}: {part} unreadable ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
-        log.warning("checkpoint %s/%s is unreadable (%s); trying an older one", manager.directory, step, part)
+        log.warning("warning: checkpoint %s/%s is unreadable (%s); trying an older one", manager.directory, step, part)
         return reason
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        with _orbax_quiet():
+            self.latest.close()
+            self.best.close()

@@ -20,11 +20,11 @@ import numpy as np
 
 from jaxtl.cache import file_key
 from jaxtl.checkpoint import CheckpointError
+from jaxtl.command import command
 from jaxtl.config import ConfigError
 from jaxtl.data import DataError, discover
 from jaxtl.disk import DiskError, write_text
 from jaxtl.images import RaggedFeatures
-from jaxtl.interrupt import quiet_on_signals
 from jaxtl.pipeline import usable_features
 from jaxtl.report import EVALUATION, save_confusion_png, scores, write_report
 from jaxtl.restore import RestoredRun, predict_logits, restore_run
@@ -68,11 +68,11 @@ def evaluate(run_dir: str, data: str | None = None, which: str = "best", on_bad_
         write_text(Path(run_dir) / EVALUATION, json.dumps(result))
         write_report(run_dir)
     except DiskError as e:
-        logging.getLogger("jaxtl").warning(f"{run_dir}: scores not saved into the run directory ({e})")
+        logging.getLogger("jaxtl").warning(f"warning: {run_dir}: scores not saved into the run directory ({e})")
     return result
 
 
-@quiet_on_signals
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxtl evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")

@@ -2,9 +2,9 @@
 
 During training the first SIGINT or SIGTERM is only recorded: the run stops at its next step boundary, saves a
 checkpoint (every process, at the same step: the stop is agreed collectively) and raises `Interrupted`, which
-the command line turns into one line saying how to continue, and exit code 128 + the signal (130, 143). A
-second Ctrl-C aborts at once. Outside training (features, the prefix pass, evaluate, predict) a signal stops
-the command quietly with the same exit codes; the caches keep what was finished.
+the command line (`jaxtl.command`) turns into one line saying how to continue, and exit code 128 + the signal
+(130, 143). A second Ctrl-C aborts at once. Outside training (features, the prefix pass, evaluate, predict) a
+signal stops the command with one line and the same exit codes; the caches keep what was finished.
 """
 
 from __future__ import annotations
@@ -72,27 +72,3 @@ class StopRequests:
 def exit_code(e: BaseException) -> int:
     """The exit code of a command stopped by `e` (KeyboardInterrupt or an `Interrupted`)."""
     return e.exit_code if isinstance(e, Interrupted) else 128 + signal.SIGINT
-
-
-def quiet_on_signals(main):
-    """`main(argv)` of a command, where Ctrl-C and SIGTERM end it with one line and 130 / 143, no traceback
-    (training saves first: `StopRequests`)."""
-
-    def wrapped(argv=None) -> int:
-        def terminate(signum, frame):
-            raise Interrupted(signum, "terminated")
-
-        previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is \
-            threading.main_thread() else None
-        try:
-            return main(argv)
-        except KeyboardInterrupt as e:
-            import sys
-
-            print(str(e) if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
-            return exit_code(e)
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-
-    return wrapped

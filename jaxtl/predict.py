@@ -14,9 +14,9 @@ import numpy as np
 from jaxtl.api import load_run
 from jaxtl.audio import BadAudio
 from jaxtl.checkpoint import CheckpointError
+from jaxtl.command import command
 from jaxtl.config import ConfigError
 from jaxtl.data import DataError
-from jaxtl.interrupt import quiet_on_signals
 
 
 def predict(run_dir: str, files: list[str], top_k: int = 3, which: str = "best", progress: bool = True) -> list[dict]:
@@ -29,7 +29,7 @@ def predict(run_dir: str, files: list[str], top_k: int = 3, which: str = "best",
     return out
 
 
-@quiet_on_signals
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxtl predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")

@@ -21,6 +21,7 @@ import numpy as np
 from jaxtl.audio import BadAudio
 from jaxtl.cache import fingerprint
 from jaxtl.checkpoint import CheckpointError, Checkpoints
+from jaxtl.command import command
 from jaxtl.config import ConfigError, TrainConfig, config_from_args
 from jaxtl.data import DataError
 from jaxtl.disk import DiskError, writing
@@ -28,7 +29,7 @@ from jaxtl.ensemble import train_ensemble
 from jaxtl.epochs import EpochBar, Plateau, class_logits, mean_loss, run_epoch
 from jaxtl.feed import StepFeed
 from jaxtl.heads import with_fitted_head
-from jaxtl.interrupt import Interrupted, StopRequests, quiet_on_signals
+from jaxtl.interrupt import Interrupted, StopRequests
 from jaxtl.pipeline import load_features, prepare, settle_bad_files
 from jaxtl.prefix import advance, cached_prefix, head_input_statistics
 from jaxtl.report import EVALUATION, save_confusion_png, scores, write_report
@@ -367,7 +368,7 @@ USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError, RunDirErro
                ProcessMismatch, DiskError)
 
 
-@quiet_on_signals
+@command
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)

@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxtl import backbones
 from jaxtl.backbones.torchfile import TorchFileError, read_state_dict
-from jaxtl.interrupt import quiet_on_signals
+from jaxtl.command import command
 
 # Keras' EfficientNet ImageNet model divides its normalised input once more by sqrt(std) (a layer that holds
 # no weights, added only for `weights="imagenet"`): files whose Normalization variance is ImageNet's std^2
@@ -383,7 +383,7 @@ def _inspect(path: str, backbone: str) -> str:
     return "\n".join(lines)
 
 
-@quiet_on_signals
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxtl weights", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

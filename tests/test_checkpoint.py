@@ -62,6 +62,16 @@ def test_half_written_save_is_ignored_and_corrupt_one_falls_back(tmp_path, part,
     state, meta, step = ckpt.restore(_state(0.0))
     assert step == 1 and meta["epoch"] == 1 and float(state["step"]) == 1  # state and meta of one save
     assert f"latest/2 is unreadable ({part})" in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []  # orbax's ERROR lines held back
+
+
+def test_orbax_reports_on_damaged_save_metadata_reach_no_one(tmp_path, caplog):
+    ckpt = Checkpoints(tmp_path / "c")
+    ckpt.save(2, _state(2.0), {"epoch": 2})
+    (tmp_path / "c" / "latest" / "2" / "_CHECKPOINT_METADATA").write_text("corrupt")  # orbax's own record only
+    ckpt = Checkpoints(tmp_path / "c")
+    assert ckpt.steps() == [2] and ckpt.restore(_state(0.0))[2] == 2  # the state and meta themselves are sound
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []
 
 
 def test_meta_decides_the_template(tmp_path):
