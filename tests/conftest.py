@@ -61,6 +61,17 @@ def weights_file(path) -> Path:
     return Path(path)
 
 
+def overwrite(shard, dataset: str, byte: int, n: int = 4096) -> None:
+    """The first `n` bytes (at most all) of `dataset`'s data in `shard` set to `byte`: bit rot."""
+    import h5py
+
+    with h5py.File(shard, "r") as f:
+        offset, size = f[dataset].id.get_offset(), f[dataset].id.get_storage_size()
+    with open(shard, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(bytes([byte]) * min(n, size))
+
+
 def all_features(prep):
     """Every clip's features of a prepared run (what the pipeline extracts on demand), in clip order."""
     return prep.features(np.arange(len(prep.y)))[0]

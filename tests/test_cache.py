@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import write_tone
+from conftest import overwrite, write_tone
 from jaxtl import cache as cachelib
 from jaxtl.audio import FeatureConfig
 from jaxtl.cache import FeatureCache, cached_features
@@ -205,15 +205,6 @@ def test_the_feature_cache_appends_new_clips_as_a_shard_and_reads_only_the_clips
     assert sorted(got) == sorted([keys[4], *apart])
     for k in (keys[4], *apart):
         np.testing.assert_array_equal(got[k], feats[keys.index(k)])
-
-
-def overwrite(shard, dataset: str, byte: int, n: int = 4096) -> None:
-    """The first `n` bytes (at most all) of `dataset`'s data in `shard` set to `byte`: bit rot."""
-    with h5py.File(shard, "r") as f:
-        offset, size = f[dataset].id.get_offset(), f[dataset].id.get_storage_size()
-    with open(shard, "r+b") as fh:
-        fh.seek(offset)
-        fh.write(bytes([byte]) * min(n, size))
 
 
 @pytest.mark.parametrize("byte", [0x3F, 0xFF], ids=["finite-garbage", "nan"])
