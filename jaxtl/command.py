@@ -3,6 +3,7 @@ warnings reach stderr as the plain lines they are written as."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import signal
@@ -18,15 +19,14 @@ def command(main):
 
     @functools.wraps(main)
     def wrapped(argv=None) -> int:
-        _plain_warnings()
-
         def terminate(signum, frame):
             raise Interrupted(signum, "terminated")
 
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
         try:
-            return main(argv)
+            with _plain_warnings():
+                return main(argv)
         except KeyboardInterrupt as e:
             print(str(e) if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
             return exit_code(e)
@@ -37,13 +37,26 @@ def command(main):
     return wrapped
 
 
-def _plain_warnings() -> None:
-    """jaxtl's log records as their own lines on stderr ("warning: ..."), not in the root logger's format,
-    which orbax's imports set up."""
+@contextlib.contextmanager
+def _plain_warnings():
+    """While a command runs, jaxtl's log records go to stderr as their own lines ("warning: ..."), not in the
+    root logger's format, which orbax's imports set up."""
     logger = logging.getLogger("jaxtl")
-    if not any(getattr(h, "jaxtl", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.jaxtl = True
-        logger.addHandler(handler)
-        logger.propagate = False
+    handler, propagate = _PlainLines(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+class _PlainLines(logging.Handler):
+    """Each record's message alone, on whatever `sys.stderr` is when it is written."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 (logging's own contract: a handler never raises)
+            self.handleError(record)

@@ -194,6 +194,9 @@ def test_small_jobs_start_no_worker_pool_and_a_dead_pool_falls_back(tmp_path, mo
         def map(self, *a, **k):
             raise BrokenProcessPool("a worker re-ran the caller's script")
 
+        def shutdown(self, *a, **k):
+            pass
+
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", DeadPool)
     small, _ = extract(paths, FeatureConfig(), workers=2, progress=False, chunk=1)  # 4 clips: no pool
     assert not caplog.records

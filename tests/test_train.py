@@ -126,6 +126,10 @@ def _killed_run(cfg, how: str, n: int) -> None:
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
 
 
+# The tests on `whole` run in one worker (the README's `--dist loadgroup`), which builds it once.
+ON_WHOLES_WORKER = pytest.mark.xdist_group("whole")
+
+
 @pytest.fixture(scope="module")
 def whole(data_dir, tmp_path_factory):
     """A 3-epoch fine-tuning run (steps fed from the host, dropout on: every rng in play), run uninterrupted:
@@ -139,10 +143,12 @@ def whole(data_dir, tmp_path_factory):
     return cfg
 
 
+@ON_WHOLES_WORKER
 def test_finetune_follows_its_golden_run(whole):
     assert_golden("finetune", whole.out)
 
 
+@ON_WHOLES_WORKER
 def test_sigkill_between_two_steps_then_resume_gives_the_uninterrupted_run(whole, tmp_path):
     cfg = dataclasses.replace(whole, out=str(tmp_path / "run"))
     per_epoch = metrics(whole.out)[0]["step"]
@@ -155,6 +161,7 @@ def test_sigkill_between_two_steps_then_resume_gives_the_uninterrupted_run(whole
     np.testing.assert_allclose(losses(cfg.out), losses(whole.out), rtol=1e-5)
 
 
+@ON_WHOLES_WORKER
 @pytest.mark.parametrize("part", ["state", "meta"])
 def test_resume_after_a_corrupt_newest_checkpoint_continues_from_the_one_before(whole, tmp_path, part, capfd):
     import shutil
@@ -173,6 +180,8 @@ def test_resume_after_a_corrupt_newest_checkpoint_continues_from_the_one_before(
     assert "absl" not in capfd.readouterr().err  # jaxtl's own warning says it, orbax's ERROR lines do not
 
 
+@pytest.mark.slow
+@ON_WHOLES_WORKER
 def test_a_run_killed_before_its_first_timed_checkpoint_starts_over_and_ends_the_same(whole, tmp_path):
     cfg = dataclasses.replace(whole, out=str(tmp_path / "run"), checkpoint_every=1e9)  # saves only at the end
     _killed_run(cfg, "step", metrics(whole.out)[0]["step"] + 2)  # in epoch 2: nothing saved yet
@@ -182,6 +191,8 @@ def test_a_run_killed_before_its_first_timed_checkpoint_starts_over_and_ends_the
     np.testing.assert_allclose(losses(cfg.out), losses(whole.out), rtol=1e-5)
 
 
+@pytest.mark.slow
+@ON_WHOLES_WORKER
 def test_kill_between_saving_best_and_latest_keeps_the_best_model(whole, tmp_path):
     best, last_improved = float("inf"), None
     for epoch, row in enumerate(metrics(whole.out)):
@@ -198,6 +209,7 @@ def test_kill_between_saving_best_and_latest_keeps_the_best_model(whole, tmp_pat
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@ON_WHOLES_WORKER
 def test_resume_goes_on_without_an_unreadable_best_and_refuses_other_weights(whole, tmp_path, capsys):
     import shutil
 
@@ -218,6 +230,8 @@ def test_resume_goes_on_without_an_unreadable_best_and_refuses_other_weights(who
     assert "trained on weights random init" in err and "resume with the same --weights" in err and "\n" not in err
 
 
+@pytest.mark.slow
+@ON_WHOLES_WORKER
 def test_sigkill_mid_checkpoint_save_resumes_from_the_previous_one(whole, tmp_path):
     cfg = dataclasses.replace(whole, out=str(tmp_path / "run"))
     _killed_run(cfg, "mid-save", 2)
@@ -291,7 +305,9 @@ def _wait_until_ready(proc: subprocess.Popen) -> None:
         timer.cancel()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@ON_WHOLES_WORKER
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"),  # SIGINT: the same path, slow set
+                                 pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow)])
 def test_a_signal_between_two_steps_saves_there_says_how_to_resume_and_the_resumed_run_ends_uninterrupted(
         whole, tmp_path, sig):
     cfg = dataclasses.replace(whole, out=str(tmp_path / "run"), checkpoint_every=1e9)  # no timed save would come
@@ -467,6 +483,7 @@ def test_two_processes_with_different_weights_stop_naming_them(one_process, tmp_
     assert "the processes hold different weights (processes [0] vs [1])" in procs[0].output
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_saved_and_resumed_they_end_uninterrupted(
         one_process, tmp_path):
     flags = ["--recipe", "seed", "--mode", "finetune", "--data", one_process[0].data, "--image-size", "32",
