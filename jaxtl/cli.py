@@ -11,7 +11,8 @@ import jaxtl
 COMMANDS = {"train": "train a model (see `jaxtl train --help`)",
             "evaluate": "score a run on its test set or a labelled folder, and write its report",
             "predict": "top-k labels of audio files",
-            "weights": "fetch, inspect or convert weight files (--backbone)"}
+            "weights": "fetch, inspect or convert weight files (--backbone)",
+            "tune": "measure the XLA:CPU setting that runs the frozen pass fastest here, and use it from then on"}
 
 
 def main(argv: list[str] | None = None) -> int:

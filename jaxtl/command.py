@@ -1,5 +1,5 @@
-"""What every command's `main` shares: a signal ends it with one line and 128 + the signal, and jaxtl's
-warnings reach stderr as the plain lines they are written as."""
+"""What every command's `main` shares: a signal ends it with one line and 128 + the signal, jaxtl's warnings
+reach stderr as the plain lines they are written as, and the XLA setting `jaxtl tune` measured is applied."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def command(main):
         previous = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
         try:
             with _plain_warnings():
+                from jaxtl import tune  # (tune's own main is a command)
+
+                tune.apply(lambda line: print(line, file=sys.stderr))
                 return main(argv)
         except KeyboardInterrupt as e:
             print(str(e) if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)

@@ -59,6 +59,7 @@ from jaxtl.sharding import (
     replicate,
 )
 from jaxtl.steps import EvalPrograms, TrainPrograms, create_train_state, init_params, use_compile_cache
+from jaxtl.tune import in_effect as xla_setting
 from jaxtl.weights import WeightsError, resolve_weights
 
 
@@ -321,6 +322,7 @@ def _run(cfg: TrainConfig, log: Callable, stops: StopRequests) -> dict:
         "train_images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else None,
         "compile_seconds": float(sum(h.get("compile_seconds", 0.0) for h in history)),
         "skipped_files": [str(e) for e in prep.skipped], "device": str(jax.devices()[0].platform),
+        "xla_setting": xla_setting(),
         "n_devices": len(jax.devices()), "n_processes": jax.process_count(),
         "stage_seconds": seconds, "out": str(out),
     }

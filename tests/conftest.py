@@ -7,6 +7,8 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 # the many small runs compile the same programs again and again (390 s -> 264 s for the suite on 2 cores).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxtl-tests-xla-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# The session's own `jaxtl tune` record (none): a developer's measured XLA setting must not change the tests' runs.
+os.environ["JAXTL_TUNE_FILE"] = os.path.join(tempfile.mkdtemp(prefix="jaxtl-tests-tune-"), "xla-tune.json")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
