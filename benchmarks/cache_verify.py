@@ -19,7 +19,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_results  # noqa: E402
-
 from jaxtl.cache import ActivationCache  # noqa: E402
 
 # Row shapes: the default recipe's pooled taps (its whole head input) and an 8x8x512 activation (block 4's

@@ -14,6 +14,7 @@ A cache that cannot be written (a full disk, no permission) is said once and the
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ import h5py
 import numpy as np
 
 from jaxtl.audio import BadAudio, FeatureConfig, Perturbation, extract
-from jaxtl.disk import free_space, reason
+from jaxtl.disk import free_space, os_error_code, reason
 
 warn = logging.getLogger("jaxtl").warning
 
@@ -35,9 +36,14 @@ class Damaged(Exception):
     """Rows read from a cache that cannot be right (a CRC-32 that does not match, non-finite values)."""
 
 
-def row_crcs(data: np.ndarray) -> np.ndarray:
-    """The CRC-32 of each row (along axis 0) of `data`'s bytes."""
-    return np.array([zlib.crc32(np.ascontiguousarray(row).data) for row in data], np.uint32)
+def crc(a: np.ndarray) -> int:
+    """The CRC-32 of an array's bytes (C order)."""
+    return zlib.crc32(np.ascontiguousarray(a).data)
+
+
+def row_crcs(data) -> np.ndarray:
+    """The CRC-32 of each row (along axis 0) of `data`, or of each array of a list."""
+    return np.array([crc(row) for row in data], np.uint32)
 
 
 def put(f: h5py.File, name: str, data: np.ndarray, crcs: np.ndarray | None = None) -> None:
@@ -132,7 +138,7 @@ class FeatureCache:
                 flat = f["flat"][..., lo:int(offsets[run[-1]] + lengths[run[-1]])]
                 for r in run:
                     clip = flat[..., offsets[r] - lo:offsets[r] - lo + lengths[r]]
-                    if crcs is not None and zlib.crc32(np.ascontiguousarray(clip).data) != crcs[r]:
+                    if crcs is not None and crc(clip) != crcs[r]:
                         raise Damaged(f"the features of row {r} fail their CRC-32")
                     got[names[r].decode()] = finite(clip)
             return got
@@ -148,8 +154,7 @@ class FeatureCache:
             put(f, "offsets", np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
             put(f, "lengths", lengths)
             flat = [entries[k].astype(np.float32) for k in keys]
-            put(f, "flat", np.concatenate(flat, axis=-1), crcs=np.array([zlib.crc32(np.ascontiguousarray(a).data)
-                                                                         for a in flat], np.uint32))
+            put(f, "flat", np.concatenate(flat, axis=-1), crcs=row_crcs(flat))
             f.attrs["settings"] = self.settings
 
         self.shards.append(sorted(entries), write)
@@ -185,7 +190,7 @@ class Shards:
                         keys = verified(f, "keys", np.arange(len(f["keys"])), f["keys"][:]) \
                             if f.attrs.get("complete") and self.valid(f) else []
                 except (OSError, KeyError, ValueError, Damaged) as e:
-                    self.set_aside(shard, e)
+                    self.unreadable(shard, e)
                     continue
                 for r, k in enumerate(keys):
                     self._index.setdefault(k.decode(), (shard, r))
@@ -205,22 +210,29 @@ class Shards:
                 with h5py.File(shard, "r") as f:
                     out.append(rows_of(f, np.unique(np.array(rows, np.int64))))
             except (OSError, KeyError, ValueError, Damaged) as e:
-                self.set_aside(shard, e)
+                self.unreadable(shard, e)
         return out
 
-    def set_aside(self, shard: Path, error: Exception) -> None:
-        """A damaged shard renamed `*.damaged` (kept for a look, never read again) and its keys forgotten, so
-        that its clips are computed again; one warning naming it."""
+    def unreadable(self, shard: Path, error: Exception) -> None:
+        """A shard that failed to read: its keys forgotten, so that its clips are computed again. Damage (a
+        CRC, non-finite rows, a file HDF5 cannot parse) sets it aside as `*.damaged`, kept for a look and never
+        read again; an error of the system (permission, I/O, a lock) leaves it in place for the next run; one
+        already gone (set aside by another process) is not worth a word."""
+        if self._index is not None:
+            self._index = {k: v for k, v in self._index.items() if v[0] != shard}
+        code = os_error_code(error)
+        if code == errno.ENOENT:
+            return
+        if code is not None:
+            warn(f"warning: {shard}: cannot read the cache shard ({reason(error)}); its clips are computed again")
+            return
         aside = shard.with_name(shard.name + ".damaged")
         try:
             os.replace(shard, aside)
             where = f"set aside as {aside.name}"
         except OSError:
             where = "left in place (it cannot be renamed); delete it"
-        if self._index is not None:
-            self._index = {k: v for k, v in self._index.items() if v[0] != shard}
-        warn(f"warning: {shard}: damaged cache shard ({str(error).splitlines()[0][:160] or type(error).__name__}); "
-             f"{where}; its clips are computed again")
+        warn(f"warning: {shard}: damaged cache shard ({reason(error)}); {where}; its clips are computed again")
 
     def append(self, keys: list[str], write) -> list[str]:
         """`write(h5file, new_keys)` into a new shard for the `keys` no shard holds (another run may have added
@@ -234,8 +246,8 @@ class Shards:
                 new = [k for k in keys if k not in index]
                 if not new:
                     return []
-                taken = [int(p.stem.split("-")[1]) for p in self.path.glob("rows-*.h5")
-                         if p.stem.split("-")[1].isdigit()]
+                taken = [int(p.name[5:11]) for p in self.path.glob("rows-*")  # set-aside shards' numbers too
+                         if p.name[5:11].isdigit()]
                 shard = self.path / f"rows-{max(taken, default=-1) + 1:06d}.h5"  # a new name under the lock
                 with atomic_h5(shard) as f:
                     put(f, "keys", np.array([k.encode() for k in new]))

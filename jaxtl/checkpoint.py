@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxtl.disk import check_room, disk_error, os_error_code
+from jaxtl.disk import check_room, disk_error, os_error_code, writing
 from jaxtl.split import SplitPoint
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _saving(directory: Path, what: str, tree):
     alone are dropped while a save runs, and from a failed one on, so the run's one line is what the user reads.
     """
     check_room(directory, sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(tree)), what)
-    previous = sys.unraisablehook
+    previous, failed = sys.unraisablehook, False
     sys.unraisablehook = lambda u: None if _closed_loop(u.exc_value) else previous(u)
     try:
         with _orbax_quiet():
@@ -87,15 +87,18 @@ def _saving(directory: Path, what: str, tree):
     except (OSError, ValueError) as e:
         if os_error_code(e) is None:
             raise
-        for _ in range(20):
+        failed = True
+        for attempt in range(20):  # orbax's writer threads may still create what was removed: until it stays gone
             partial = list(directory.glob("*.orbax-checkpoint-tmp*"))
             for p in partial:
                 shutil.rmtree(p, ignore_errors=True)
-            if not partial and _ > 0:
+            if not partial and attempt > 0:
                 break
             time.sleep(0.05)
         raise disk_error(directory, what, e) from None
-    sys.unraisablehook = previous
+    finally:
+        if not failed:
+            sys.unraisablehook = previous
 
 
 def _closed_loop(exc) -> bool:
@@ -139,7 +142,8 @@ class Checkpoints:
     def __init__(self, directory: str | os.PathLike, keep: int = 2, frozen: SplitPoint | None = None):
         self.directory = Path(directory)
         self.frozen = frozen
-        with _orbax_quiet():  # reading the saves there: a damaged one is jaxtl's to report, at restore
+        with _orbax_quiet(), writing(self.directory, "create the checkpoint directories"):
+            # (orbax reads the saves there: a damaged one is jaxtl's to report, at restore)
             self.latest = _manager(self.directory / "latest", keep)
             self.best = _manager(self.directory / "best", 1)
 

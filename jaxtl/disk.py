@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 
@@ -20,12 +21,14 @@ class DiskError(Exception):
 
 
 def size(nbytes: float) -> str:
-    """A byte count for people: 1020.0 KB, 58.9 MB."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1024 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+    """A byte count for people: 0 B, 1020.0 KB, 58.9 MB."""
+    if nbytes < 1024:
+        return f"{nbytes:.0f} B"
+    for unit in ("KB", "MB", "GB"):
         nbytes /= 1024
-    return ""  # not reached
+        if nbytes < 1024 or unit == "GB":
+            break
+    return f"{nbytes:.1f} {unit}"
 
 
 def free_bytes(path: str | os.PathLike) -> int | None:
@@ -62,8 +65,9 @@ def os_error_code(e: BaseException) -> int | None:
 
 
 def reason(e: BaseException) -> str:
+    """What went wrong, in one short line: the system's words for an errno, else the error's first line."""
     code = os_error_code(e)
-    return os.strerror(code) if code else (str(e).splitlines() or [type(e).__name__])[0][:200]
+    return os.strerror(code) if code else ((str(e).strip().splitlines() or [type(e).__name__])[0][:200])
 
 
 def disk_error(path: str | os.PathLike, what: str, e: BaseException) -> DiskError:
@@ -81,10 +85,11 @@ def writing(path: str | os.PathLike, what: str):
 
 @contextlib.contextmanager
 def replaced(path: str | os.PathLike, what: str | None = None):
-    """A temporary name beside `path` (same suffix) to write into; renamed into place when the block ends: a
-    killed or failed write leaves the old file whole and no temporary file behind."""
+    """A temporary name beside `path` (same suffix, one per writer) to write into; renamed into place when the
+    block ends: a failed write leaves the old file whole and no temporary file behind (a killed one may leave a
+    hidden `.tmp-*` file, never a half-written file under the real name)."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{path.name}")  # each writer its own
     try:
         with writing(path, what or f"write {path.name}"):
             yield tmp

@@ -24,6 +24,7 @@ from jaxtl.config import ConfigError, TrainConfig, load_config, saved_config
 from jaxtl.data import DataError
 from jaxtl.epochs import mean_loss
 from jaxtl.evaluate import labelled_clips
+from jaxtl.interrupt import Interrupted
 from jaxtl.report import EVALUATION, scores, write_report
 from jaxtl.restore import MEMBERS, predict_logits, restore_run
 from jaxtl.rundir import SPLIT_RECORD, new_run_dir, write_json
@@ -74,7 +75,10 @@ def train_ensemble(cfg: TrainConfig, run_member: Callable[[TrainConfig, Callable
             continue
         log(f"ensemble member {i + 1}/{cfg.ensemble}: training seed {member.train_seed}"
             + (", resumed" if member.resume else ""))
-        members.append(run_member(member, log))
+        try:
+            members.append(run_member(member, log))
+        except Interrupted as e:  # continued as the ensemble it is part of, not as a run of its own
+            raise e.of_run(str(out)) from None
     t_members, t = time.perf_counter() - t_start, time.perf_counter()
     shutil.copy(Path(members[0]["out"]) / SPLIT_RECORD, out / SPLIT_RECORD)
     restored = restore_run(out)

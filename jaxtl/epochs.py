@@ -27,13 +27,19 @@ class EpochResult:
     seconds: float  # without compilation
     compile_seconds: float
     totals: list  # [loss sum, correct count, row count] of the batches run, with those of a resumed part
+    batches: int  # in the epoch's plan
     stopped_after: int | None = None  # batches done when a stop request ended the pass early; None: complete
+    stop_signal: int = 0  # the signal of that request
 
 
 def means(totals) -> tuple[float, float]:
     """(mean loss, accuracy) from [loss sum, correct count, row count]."""
     t = np.asarray(totals)
     return float(t[0] / max(t[2], 1)), float(t[1] / max(t[2], 1))
+
+
+class PlanChanged(Exception):
+    """A run resumed in the middle of an epoch whose batches are no longer the ones it stopped in."""
 
 
 def diverged(step: int, desc: str) -> FloatingPointError:
@@ -57,12 +63,16 @@ def run_epoch(programs: EvalPrograms, state, feed: StepFeed, clip_ids: np.ndarra
             state, totals = _scanned(programs, state, feed, idx, mask, desc, train)
             done = None
         else:
+            if resume is not None and resume.get("of", len(idx)) != len(idx):
+                raise PlanChanged(f"--resume: the run stopped after batch {resume['batches']} of {resume['of']} in "
+                                  f"this epoch, which now has {len(idx)} (another --batch-size or device count?); "
+                                  "resume with the settings it ran with")
             state, totals, done = _host_fed(programs, state, feed, idx, mask, mesh, desc, train, progress,
                                             stop if train else None, resume or {"batches": 0, "totals": [0, 0, 0]})
         wall = time.perf_counter() - t0
     loss, acc = means(totals)
     return state, EpochResult(loss, acc, int(np.asarray(totals)[2]), wall - compiled[0], compiled[0],
-                              np.asarray(totals, np.float64).tolist(), done)
+                              np.asarray(totals, np.float64).tolist(), len(idx), *(done or (None, 0)))
 
 
 def class_logits(programs: EvalPrograms, state, feed: StepFeed, clip_ids: np.ndarray, batch_size: int, mesh,
@@ -123,8 +133,8 @@ def _host_fed(programs, state, feed: StepFeed, idx, mask, mesh, desc: str, train
             if show and (i % 10 == 0 or i == len(idx) - 1):
                 loss, acc = means(totals)
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
-            if stop is not None and i < len(idx) - 1 and stop():  # a step boundary: a stop asked for ends here
-                stopped = i + 1
+            if stop is not None and i < len(idx) - 1 and (signal := stop()):  # a step boundary: a stop ends here
+                stopped = (i + 1, signal)
                 break
     if int(first_bad) >= 0:
         raise diverged(int(first_bad), desc)

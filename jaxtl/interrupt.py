@@ -18,11 +18,15 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(KeyboardInterrupt):
-    """A run stopped by a signal after saving; `str()` says where and how to continue."""
+    """A run stopped by a signal; `str()` says where, and, given the run directory `out`, how to continue."""
 
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum = signum
+    def __init__(self, signum: int, where: str, out: str | None = None):
+        super().__init__(where if out is None else f"{where}; continue with: jaxtl train --out {out} --resume")
+        self.signum, self.where = signum, where
+
+    def of_run(self, out: str) -> Interrupted:
+        """The same stop, told for the run directory `out` (an ensemble's, not its member's)."""
+        return Interrupted(self.signum, self.where, out)
 
     @property
     def exit_code(self) -> int:
@@ -32,12 +36,12 @@ class Interrupted(KeyboardInterrupt):
 class StopRequests:
     """SIGINT and SIGTERM while entered (in the main thread): with `deferred` set (the epochs) they are
     recorded, for the trainer to act on at a step boundary through `signal()`; otherwise they raise
-    `Interrupted` with the `outside` message at once."""
+    `Interrupted` at once, saying `outside`."""
 
     def __init__(self):
         self.received = 0
         self.deferred = False
-        self.outside = "interrupted"
+        self.outside: tuple[str, str | None] = ("interrupted", None)  # (where, the run directory)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequests:
@@ -52,7 +56,7 @@ class StopRequests:
 
     def _record(self, signum: int, frame) -> None:
         if not self.deferred:
-            raise Interrupted(signum, self.outside)
+            raise Interrupted(signum, *self.outside)
         if self.received and signum == signal.SIGINT:  # a second Ctrl-C: now, without saving
             raise Interrupted(signum, "interrupted again: stopped without saving; the last checkpoint stays")
         self.received = self.received or signum

@@ -161,23 +161,37 @@ def replicate(mesh: Mesh, tree):
 
 
 def prefetch(batches: Iterable, size: int = 2) -> Iterator:
-    """Prepare the next batches on a host thread while the device runs the current step."""
+    """Prepare the next batches on a host thread while the device runs the current step. A consumer that stops
+    early (a stop request) stops the thread too."""
     q: queue.Queue = queue.Queue(maxsize=size)
-    done = object()
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce():
         try:
             for b in batches:
-                q.put(b)
-            q.put(done)
+                if not put(b):
+                    return
+            put(done)
         except BaseException as e:  # surfaced in the consumer, never swallowed
-            q.put(e)
+            put(e)
 
     threading.Thread(target=produce, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:

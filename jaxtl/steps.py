@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxtl import images as imagelib
+from jaxtl.disk import free_space, reason
 from jaxtl.model import Classifier
 from jaxtl.split import SplitPoint
 
@@ -278,7 +281,17 @@ def use_compile_cache(cache_dir: str | None) -> None:
     user configured already (JAX_COMPILATION_CACHE_DIR) is left as it is; '' or None turns it off."""
     if not cache_dir or jax.config.jax_compilation_cache_dir:
         return
-    jax.config.update("jax_compilation_cache_dir", str((Path(cache_dir) / "xla").absolute()))
+    directory = (Path(cache_dir) / "xla").absolute()
+    try:  # a full or read-only cache: one warning here, not one of JAX's for every program compiled
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory) as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+    except OSError as e:
+        logging.getLogger("jaxtl").warning(f"warning: {directory}: cannot write the compilation cache: {reason(e)} "
+                                           f"({free_space(directory)} free there); compiling without it")
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # CPU step programs compile in ~1 s
 
 

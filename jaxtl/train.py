@@ -26,7 +26,7 @@ from jaxtl.config import ConfigError, TrainConfig, config_from_args
 from jaxtl.data import DataError
 from jaxtl.disk import DiskError, writing
 from jaxtl.ensemble import train_ensemble
-from jaxtl.epochs import EpochBar, Plateau, class_logits, mean_loss, run_epoch
+from jaxtl.epochs import EpochBar, PlanChanged, Plateau, class_logits, mean_loss, run_epoch
 from jaxtl.feed import StepFeed
 from jaxtl.heads import with_fitted_head
 from jaxtl.interrupt import Interrupted, StopRequests
@@ -105,8 +105,7 @@ def _run(cfg: TrainConfig, log: Callable, stops: StopRequests) -> dict:
     use_compile_cache(cfg.cache_dir)
     out = new_run_dir(cfg.out, cfg.recipe, cfg.resume, jax.process_count() > 1)
     cfg = dataclasses.replace(cfg, out=str(out))
-    resume_hint = f"continue with: jaxtl train --out {out} --resume"
-    stops.outside = f"interrupted before training began; the caches keep what was done; {resume_hint}"
+    stops.outside = ("interrupted before training began; the caches keep what was done", str(out))
     if main_process:
         with writing(out, "create the run directory"):
             out.mkdir(parents=True, exist_ok=True)
@@ -196,9 +195,9 @@ def _run(cfg: TrainConfig, log: Callable, stops: StopRequests) -> dict:
     state, steps_done, t = None, 0, time.perf_counter()
     stops.deferred = True  # from here a signal is acted on at a step boundary, after a save
 
-    def interrupted(stage_index: int, epoch: int, step: int) -> Interrupted:
-        return Interrupted(stops.signal(), f"interrupted at stage {stage_index + 1} epoch {epoch + 1} (step {step}); "
-                           + resume_hint)
+    def interrupted(signum: int, stage_index: int, epoch: int, step: int) -> Interrupted:
+        ckpt.close()
+        return Interrupted(signum, f"interrupted at stage {stage_index + 1} epoch {epoch + 1} (step {step})", str(out))
 
     for stage_index, stage in enumerate(stages):
         if stage_index < start_stage:
@@ -222,8 +221,9 @@ def _run(cfg: TrainConfig, log: Callable, stops: StopRequests) -> dict:
         best_params = None
         if resumed is not None and stage_index == start_stage:
             state = resumed
-            try:
-                best_state, best_meta, _ = ckpt.restore(cfg.state_template, "best")
+            try:  # none yet after a stop in the first epoch: the resumed state is the best so far
+                best_state, best_meta, _ = ckpt.restore(cfg.state_template, "best") if ckpt.steps("best") else \
+                    (None, {"stage": -1}, None)
                 best_params = replicate(mesh, best_state.params) if best_meta["stage"] == stage_index else None
             except CheckpointError as e:  # `best` keeps one save: lost, the run goes on from `latest`
                 notice(f"warning: {e}; the best model so far is taken from the resumed state")
@@ -242,9 +242,9 @@ def _run(cfg: TrainConfig, log: Callable, stops: StopRequests) -> dict:
                                   progress=cfg.progress, stop=stops.signal, resume=within if epoch == first else None)
             if tr.stopped_after is not None:  # a stop request mid-epoch: where it stood, saved, then stop
                 meta = {**meta_base, "stage": stage_index, "epoch": epoch - 1, "counters": dataclasses.asdict(plateau),
-                        "within": {"batches": tr.stopped_after, "totals": tr.totals}}
+                        "within": {"batches": tr.stopped_after, "of": tr.batches, "totals": tr.totals}}
                 ckpt.save(int(state.step), state, meta, best_save)
-                raise interrupted(stage_index, epoch, int(state.step))
+                raise interrupted(tr.stop_signal, stage_index, epoch, int(state.step))
             val = None
             if len(prep.val):
                 _, val = run_epoch(programs, state, feed, prep.val, cfg.batch_size, mesh, None, "validation",
@@ -280,7 +280,7 @@ def _run(cfg: TrainConfig, log: Callable, stops: StopRequests) -> dict:
                 ckpt.save(int(state.step), state, meta, best_save)
                 best_save, saved_at = None, time.perf_counter()
             if stop:
-                raise interrupted(stage_index, epoch, int(state.step))
+                raise interrupted(stop, stage_index, epoch, int(state.step))
             if plateau.stop(cfg.patience):
                 bar.write(f"early stopping after epoch {epoch + 1}: no validation improvement for {cfg.patience} "
                           "epochs", log)
@@ -291,6 +291,8 @@ def _run(cfg: TrainConfig, log: Callable, stops: StopRequests) -> dict:
         params, norm, steps_done, plateau = state.params, state.norm, int(state.step), Plateau()
     ckpt.close()
     stops.deferred = False
+    stops.outside = ("interrupted after training, before its scores and report were written; the checkpoints "
+                     "are saved", str(out))
     seconds["epochs"] = time.perf_counter() - t
 
     # ---------------------------------------------------------------- test and summary
@@ -367,7 +369,7 @@ sys.modules[__name__].__class__ = _CallableModule
 
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, CheckpointError, RunDirError, FloatingPointError,
-               ProcessMismatch, DiskError)
+               ProcessMismatch, DiskError, PlanChanged)
 
 
 @command

@@ -74,6 +74,21 @@ def overwrite(shard, dataset: str, byte: int, n: int = 4096) -> None:
         fh.write(bytes([byte]) * min(n, size))
 
 
+def wait_until_ready(proc) -> None:
+    """Read `proc`'s output up to its "ready" line (killed after 300 s: a run that never gets there fails)."""
+    import threading
+
+    timer = threading.Timer(300, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            if line.strip() == "ready":
+                return
+        raise AssertionError(f"exited ({proc.wait()}) before its signal: {proc.stderr.read()[-2000:]}")
+    finally:
+        timer.cancel()
+
+
 def all_features(prep):
     """Every clip's features of a prepared run (what the pipeline extracts on demand), in clip order."""
     return prep.features(np.arange(len(prep.y)))[0]

@@ -259,3 +259,27 @@ def test_a_cache_that_cannot_be_written_warns_once_and_the_work_goes_on(tmp_path
     assert warning.startswith(f"warning: {cache.shards.path}: cannot write the cache: No space left on device (")
     assert warning.endswith(" free there); going on without caching")
     assert [p.name for p in (tmp_path / "c").rglob("*") if not p.name.endswith(".lock") and p.is_file()] == []
+
+
+def test_a_shard_unreadable_for_a_system_reason_stays_and_a_set_aside_shards_number_is_not_reused(tmp_path, caplog,
+                                                                                                 monkeypatch):
+    import errno
+
+    rows = np.arange(8, dtype=np.float32).reshape(2, 4)
+    store = cachelib.ActivationCache(tmp_path, "k")
+    store.add(["a", "b"], {"taps": rows})
+    (shard,) = store.shards.files()
+    real = h5py.File
+
+    def failing(path, *a, **k):  # an I/O error of the system, not of the bytes
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(h5py, "File", failing)
+    assert not cachelib.ActivationCache(tmp_path, "k").read(["a"])[0].any()
+    monkeypatch.setattr(h5py, "File", real)
+    assert shard.is_file() and "cannot read the cache shard (Input/output error)" in caplog.text
+    overwrite(shard, "acts/taps", 0x3F)
+    store = cachelib.ActivationCache(tmp_path, "k")
+    assert not store.read(["a", "b"])[0].any()  # damaged: set aside
+    store.add(["a", "b"], {"taps": rows})
+    assert [p.name for p in sorted(shard.parent.glob("rows-*"))] == ["rows-000000.h5.damaged", "rows-000001.h5"]

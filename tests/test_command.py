@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+from conftest import wait_until_ready
+
 WAITING = textwrap.dedent("""
     import importlib, json, sys, time
     name, where, given = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -31,12 +33,13 @@ WAITING = textwrap.dedent("""
     ("train", "jaxtl.prefix.compute_prefix", signal.SIGINT, "interrupted before training began; the caches keep "
      "what was done; continue with: jaxtl train --out {out} --resume"),
 ], ids=["predict-SIGINT", "evaluate-SIGTERM", "train-prefix-pass-SIGINT"])
-def test_a_signal_ends_a_command_with_one_line_and_its_exit_code(cfg, name, where, sig, line):
+def test_a_signal_ends_a_command_with_one_line_and_its_exit_code(cfg, tmp_path, name, where, sig, line):
+    cfg = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache"))  # a cold prefix cache: the pass runs
     given = dataclasses.asdict(cfg) if name == "train" else ["run-dir"] + (["clip.wav"] if name == "predict" else [])
     proc = subprocess.Popen([sys.executable, "-c", WAITING, name, where, json.dumps(given)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-2000:]
+        wait_until_ready(proc)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:

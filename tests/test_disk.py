@@ -4,6 +4,7 @@ never a traceback, a temporary file left behind, or an earlier save lost."""
 import dataclasses
 import errno
 import json
+import os
 import re
 import subprocess
 import sys
@@ -133,3 +134,16 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_the_one_before_st
                         r"left on device \(needs .*, 0 B free there\)", err), err
     assert restore_run(out, "latest").meta["epoch"] == 0  # the save before is whole and readable
     assert leftovers(out) == []
+
+
+def test_a_compilation_cache_that_cannot_be_written_is_one_warning_and_compiling_goes_on(small_disk):
+    cache = small_disk(64, "ro")
+    script = ("import sys, jax, jax.numpy as jnp; from jaxtl.steps import use_compile_cache; "
+              "use_compile_cache(sys.argv[1]); print(jax.config.jax_compilation_cache_dir, "
+              "float(jax.jit(lambda x: x * 2)(jnp.ones(2)).sum()))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    done = subprocess.run([sys.executable, "-c", script, str(cache)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["None", "4.0"], done.stderr[-2000:]
+    assert re.fullmatch(rf"warning: {cache}/xla: cannot write the compilation cache: Read-only file system "
+                        r"\(.* free there\); compiling without it\n", done.stderr), done.stderr

@@ -27,8 +27,14 @@ def test_during_the_epochs_a_first_signal_is_recorded_and_a_second_ctrl_c_stops_
 
 def test_outside_the_epochs_a_signal_stops_at_once_with_the_runs_message():
     with StopRequests() as stops:
-        stops.outside = "interrupted before training began"
+        stops.outside = ("interrupted before training began", None)
         with pytest.raises(Interrupted, match="^interrupted before training began$") as e:
             os.kill(os.getpid(), signal.SIGTERM)
             wait_for_handler()
     assert e.value.exit_code == 143 and stops.received == 0
+
+
+def test_a_stop_in_an_ensembles_member_is_continued_as_the_ensemble():
+    member = Interrupted(signal.SIGTERM, "interrupted at stage 1 epoch 2 (step 6)", "RUN/members/1")
+    assert str(member.of_run("RUN")) == ("interrupted at stage 1 epoch 2 (step 6); continue with: jaxtl train --out "
+                                         "RUN --resume") and member.of_run("RUN").exit_code == 143

@@ -93,9 +93,8 @@ def clean(data_dir, tmp_path_factory):
     return cfg, run(cfg, log=quiet)
 
 
-@pytest.mark.parametrize("byte", [0x3F, 0xFF], ids=["finite-garbage", "nan"])
 def test_damaged_feature_and_prefix_shards_are_named_recomputed_and_the_run_ends_as_a_clean_one(clean, tmp_path,
-                                                                                              caplog, byte):
+                                                                                              caplog):
     import shutil
 
     cfg, summary = clean
@@ -103,8 +102,8 @@ def test_damaged_feature_and_prefix_shards_are_named_recomputed_and_the_run_ends
     shutil.copytree(cfg.cache_dir, cache)
     (features,) = cache.glob("features-*/rows-*.h5")
     (prefix_rows,) = cache.glob("prefix-*/rows-*.h5")
-    overwrite(features, "flat", byte)
-    overwrite(prefix_rows, "acts/taps", byte)
+    overwrite(features, "flat", 0x3F)  # finite garbage: what only the CRCs can tell (NaN: tests/test_cache.py)
+    overwrite(prefix_rows, "acts/taps", 0x3F)
     again = run(dataclasses.replace(cfg, out=str(tmp_path / "run"), cache_dir=str(cache)), log=quiet)
     warned = [r.getMessage() for r in caplog.records if "damaged cache shard" in r.getMessage()]
     assert len(warned) == 2 and {str(features), str(prefix_rows)} == {w.split(": ")[1] for w in warned}, warned

@@ -20,3 +20,16 @@ def test_prefetch_keeps_order_and_surfaces_errors():
 
     with pytest.raises(ValueError, match="producer failed"):
         list(prefetch(broken()))
+
+
+def test_a_prefetch_left_early_stops_its_thread():
+    import threading
+    import time
+
+    before = threading.active_count()
+    for _ in prefetch(iter(range(100)), size=1):  # a stop request after the first batch
+        break
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before  # not blocked on a full queue for the rest of the process

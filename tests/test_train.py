@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import losses, metrics, quiet, weights_file, write_tone
+from conftest import losses, metrics, quiet, wait_until_ready, weights_file, write_tone
 from jaxtl.backbones.vgg import VGG16
 from jaxtl.cache import FeatureCache
 from jaxtl.checkpoint import Checkpoints
@@ -276,7 +276,7 @@ def _signalled_run(cfg, sig: int, n: int, tmp_path) -> subprocess.CompletedProce
     go = tmp_path / f"sent-{sig}"
     proc = _signalled(dataclasses.asdict(cfg), n, go)
     try:
-        _wait_until_ready(proc)
+        wait_until_ready(proc)
         proc.send_signal(sig)
         go.touch()
         out, err = proc.communicate(timeout=300)
@@ -290,36 +290,24 @@ def _signalled(given: dict | list, n: int, go: Path, env: dict | None = None) ->
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _wait_until_ready(proc: subprocess.Popen) -> None:
-    """Read `proc`'s output up to its "ready" line (killed after 300 s: a run that never gets there fails)."""
-    import threading
-
-    timer = threading.Timer(300, proc.kill)
-    timer.start()
-    try:
-        for line in proc.stdout:
-            if line.strip() == "ready":
-                return
-        raise AssertionError(f"exited ({proc.wait()}) before its signal: {proc.stderr.read()[-2000:]}")
-    finally:
-        timer.cancel()
-
-
 @ON_WHOLES_WORKER
 @pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"),  # SIGINT: the same path, slow set
                                  pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow)])
 def test_a_signal_between_two_steps_saves_there_says_how_to_resume_and_the_resumed_run_ends_uninterrupted(
         whole, tmp_path, sig):
     cfg = dataclasses.replace(whole, out=str(tmp_path / "run"), checkpoint_every=1e9)  # no timed save would come
-    per_epoch = metrics(whole.out)[0]["step"]
-    done = _signalled_run(cfg, sig, per_epoch + 2, tmp_path)  # in epoch 2, after its first step
+    epoch = 1 if sig == signal.SIGTERM else 2  # the first epoch (no `best` saved yet), or the second
+    step = metrics(whole.out)[0]["step"] * (epoch - 1) + 2
+    done = _signalled_run(cfg, sig, step, tmp_path)  # after the epoch's first step
     assert done.returncode == 128 + sig, done.stderr[-2000:]
-    assert done.stderr.strip() == (f"interrupted at stage 1 epoch 2 (step {per_epoch + 2}); continue with: jaxtl "
+    assert done.stderr.strip() == (f"interrupted at stage 1 epoch {epoch} (step {step}); continue with: jaxtl "
                                    f"train --out {cfg.out} --resume")  # one line, no traceback
-    assert Checkpoints(Path(cfg.out) / "checkpoints").steps() == [per_epoch + 2]
+    assert Checkpoints(Path(cfg.out) / "checkpoints").steps() == [step]
+    assert main(["--out", cfg.out, "--resume", "--batch-size", "4", "--verbose", "0"]) == 2  # other batches: refused
     logs = []
     run(dataclasses.replace(cfg, resume=True), log=logs.append)
-    assert any(f"in stage 1 epoch 2 after batch 2 (step {per_epoch + 2})" in line for line in logs), logs
+    assert any(f"in stage 1 epoch {epoch} after batch 2 (step {step})" in line for line in logs), logs
+    assert not [line for line in logs if "warning" in line], logs
     np.testing.assert_allclose(losses(cfg.out), losses(whole.out), rtol=1e-5)
     np.testing.assert_allclose([r["val_loss"] for r in metrics(cfg.out)], [r["val_loss"] for r in metrics(whole.out)],
                                rtol=1e-5)
@@ -501,7 +489,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_saved_and_resume
     procs = [_signalled(flags + ["--out", out, "--coordinator", coordinator, "--num-processes", "2", "--process-id",
                                  str(i)], per_epoch + 2 if i == 1 else 0, go, env) for i in range(2)]
     try:
-        _wait_until_ready(procs[1])
+        wait_until_ready(procs[1])
         procs[1].send_signal(signal.SIGTERM)  # process 1 only, between two steps of epoch 2
         go.touch()
         errs = [p.communicate(timeout=120)[1] for p in procs]
