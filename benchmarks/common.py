@@ -7,9 +7,11 @@ import os
 import platform
 from pathlib import Path
 
+from jaxtl import tune
 from jaxtl.config import RECIPES, TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
+tune.apply()  # the XLA setting `jaxtl tune` measured on this machine, as every jaxtl command uses it
 
 
 def machine() -> dict:

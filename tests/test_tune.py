@@ -43,7 +43,7 @@ def test_without_a_measurement_for_this_machine_nothing_changes(tmp_path, monkey
 
 def test_jaxtl_tune_times_every_setting_keeps_the_fastest_and_the_next_command_runs_with_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAXTL_TUNE_FILE": str(tmp_path / "t.json")}
-    done = subprocess.run([sys.executable, "-m", "jaxtl.tune", "--image-size", "32", "--batch", "2", "--seconds",
+    done = subprocess.run([sys.executable, "-m", "jaxtl.tune", "--image-size", "32", "--seconds",
                            "0.2"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     (record,) = json.loads((tmp_path / "t.json").read_text()).values()
