@@ -45,7 +45,7 @@ def test_console_script_and_version():
     out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"jaxtl {jaxtl.__version__}"
     bad = subprocess.run([str(exe), "trian"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "usage: jaxtl {train,evaluate,predict,weights}" in bad.stderr
+    assert bad.returncode == 2 and "usage: jaxtl {train,evaluate,predict,weights,tune}" in bad.stderr
     helped = subprocess.run([str(exe), "train", "--help"], capture_output=True, text=True, check=True).stdout
     assert "usage: jaxtl train" in helped and "--holdout-group" in helped
 

@@ -76,7 +76,7 @@ def test_a_failed_write_keeps_the_old_file_whole_and_leaves_no_temporary_file(tm
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
-@pytest.mark.parametrize("disk", ["full", "read-only"])
+@pytest.mark.parametrize("disk", ["full", pytest.param("read-only", marks=pytest.mark.slow)])
 def test_a_cache_on_a_full_or_read_only_disk_warns_and_the_run_ends_as_with_a_cache(cfg, small_disk, caplog, disk):
     clean = train.run(dataclasses.replace(cfg, cache_dir=str(cfg.out) + "-cache"), log=quiet)
     cache = small_disk(64, "ro") if disk == "read-only" else small_disk(64)

@@ -41,6 +41,7 @@ def test_without_a_measurement_for_this_machine_nothing_changes(tmp_path, monkey
     assert "XLA_FLAGS" not in os.environ and tune.in_effect().startswith("xla-default (no jaxtl tune")
 
 
+@pytest.mark.slow  # three processes, each compiling the pass twice: ~20 s
 def test_jaxtl_tune_times_every_setting_keeps_the_fastest_and_the_next_command_runs_with_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAXTL_TUNE_FILE": str(tmp_path / "t.json")}
     done = subprocess.run([sys.executable, "-m", "jaxtl.tune", "--image-size", "32", "--seconds",
