@@ -3,7 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conftest import losses, overwrite, quiet
+from conftest import losses, quiet
 from jaxtl import prefix
 from jaxtl.feed import StepFeed
 from jaxtl.pipeline import prepare
@@ -80,32 +80,3 @@ def test_the_prefix_key_names_the_backbone_and_the_weights_of_the_units_it_runs(
     assert key(changed) != key(params)  # a frozen unit's weights
     beyond = {"base": {**params["base"], units[9]: {"kernel": np.zeros(3, np.float32)}}}
     assert key(beyond) == key(params)  # a unit past the split point does not change the cached outputs
-
-
-@pytest.fixture(scope="module")
-def clean(data_dir, tmp_path_factory):
-    """A frozen run and the cache it filled (features and prefix rows, one shard each)."""
-    from jaxtl.config import TrainConfig
-
-    root = tmp_path_factory.mktemp("clean")
-    cfg = TrainConfig(data=str(data_dir), image_size=32, epochs=3, batch_size=8, weights="random", normalize=True,
-                      out=str(root / "run"), cache_dir=str(root / "cache"), workers=1, verbose=0, patience=0)
-    return cfg, run(cfg, log=quiet)
-
-
-def test_damaged_feature_and_prefix_shards_are_named_recomputed_and_the_run_ends_as_a_clean_one(clean, tmp_path,
-                                                                                              caplog):
-    import shutil
-
-    cfg, summary = clean
-    cache = tmp_path / "cache"
-    shutil.copytree(cfg.cache_dir, cache)
-    (features,) = cache.glob("features-*/rows-*.h5")
-    (prefix_rows,) = cache.glob("prefix-*/rows-*.h5")
-    overwrite(features, "flat", 0x3F)  # finite garbage: what only the CRCs can tell (NaN: tests/test_cache.py)
-    overwrite(prefix_rows, "acts/taps", 0x3F)
-    again = run(dataclasses.replace(cfg, out=str(tmp_path / "run"), cache_dir=str(cache)), log=quiet)
-    warned = [r.getMessage() for r in caplog.records if "damaged cache shard" in r.getMessage()]
-    assert len(warned) == 2 and {str(features), str(prefix_rows)} == {w.split(": ")[1] for w in warned}, warned
-    np.testing.assert_allclose(losses(tmp_path / "run"), losses(cfg.out), rtol=1e-5)
-    assert again["test_accuracy"] == summary["test_accuracy"]

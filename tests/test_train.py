@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import losses, metrics, quiet, wait_until_ready, weights_file, write_tone
+from conftest import losses, metrics, overwrite, quiet, wait_until_ready, weights_file, write_tone
 from jaxtl.backbones.vgg import VGG16
 from jaxtl.cache import FeatureCache
 from jaxtl.checkpoint import Checkpoints
@@ -315,11 +315,30 @@ def test_a_signal_between_two_steps_saves_there_says_how_to_resume_and_the_resum
 
 @pytest.fixture(scope="module")
 def one_process(data_dir, tmp_path_factory):
-    """The run every multi-device and multi-process run below must follow, in one process on one device."""
+    """The run every multi-device and multi-process run below must follow, in one process on one device (and
+    the cache a damaged copy of which must give the same run)."""
     root = tmp_path_factory.mktemp("one")
     cfg = TrainConfig(data=str(data_dir), image_size=32, epochs=3, batch_size=8, weights="random", normalize=True,
                       out=str(root / "run"), cache_dir=str(root / "cache"), workers=1, verbose=0, patience=0)
     return cfg, run(cfg, log=quiet)
+
+
+def test_damaged_feature_and_prefix_shards_are_named_recomputed_and_the_run_ends_as_a_clean_one(one_process,
+                                                                                              tmp_path, caplog):
+    import shutil
+
+    cfg, summary = one_process
+    cache = tmp_path / "cache"
+    shutil.copytree(cfg.cache_dir, cache)
+    (features,) = cache.glob("features-*/rows-*.h5")
+    (prefix_rows,) = cache.glob("prefix-*/rows-*.h5")
+    overwrite(features, "flat", 0x3F)  # finite garbage: what only the CRCs can tell (NaN: tests/test_cache.py)
+    overwrite(prefix_rows, "acts/taps", 0x3F)
+    again = run(dataclasses.replace(cfg, out=str(tmp_path / "run"), cache_dir=str(cache)), log=quiet)
+    warned = [r.getMessage() for r in caplog.records if "damaged cache shard" in r.getMessage()]
+    assert len(warned) == 2 and {str(features), str(prefix_rows)} == {w.split(": ")[1] for w in warned}, warned
+    np.testing.assert_allclose(losses(tmp_path / "run"), losses(cfg.out), rtol=1e-5)
+    assert again["test_accuracy"] == summary["test_accuracy"]
 
 
 def test_frozen_follows_its_golden_run(one_process):
