@@ -25,7 +25,8 @@ def machine() -> dict:
         pass
     dev = jax.devices()[0]
     return {"cpu": cpu, "cores": os.cpu_count(), "device": getattr(dev, "device_kind", dev.platform),
-            "platform": dev.platform, "n_devices": len(jax.devices()), "jax": jax.__version__}
+            "platform": dev.platform, "n_devices": len(jax.devices()), "jax": jax.__version__,
+            "xla_setting": tune.in_effect()}
 
 
 def device_tag() -> str:

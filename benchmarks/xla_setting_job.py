@@ -29,7 +29,7 @@ def trial(setting: str, features: Path, flags: list[str]) -> dict:
         cache.mkdir()
         for d in (d for d in features.glob("features-*") if d.is_dir()):
             shutil.copytree(d, cache / d.name)
-        env = {**os.environ, "XLA_FLAGS": CANDIDATES[setting]}
+        env = {**os.environ, "XLA_FLAGS": CANDIDATES[setting], "JAXTL_TUNE_FILE": str(Path(tmp) / "none.json")}
         out = Path(tmp) / "run"
         subprocess.run([sys.executable, "-m", "jaxtl.train", *flags, "--cache-dir", str(cache), "--out", str(out)],
                        env=env, check=True, capture_output=True, text=True)
@@ -43,8 +43,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-clips", type=int, default=0)
+    parser.add_argument("--recipe", default="jaxtl")
     args = parser.parse_args()
-    flags = ["--data", str(FSDD), "--weights", "random", "--verbose", "0", "--workers", "2"]
+    flags = ["--recipe", args.recipe, "--data", str(FSDD), "--weights", "random", "--verbose", "0", "--workers", "2"]
     flags += ["--max-clips", str(args.max_clips)] if args.max_clips else []
     warm = Path(tempfile.mkdtemp(prefix="xla-job-features-"))
     subprocess.run([sys.executable, "-m", "jaxtl.train", *flags, "--cache-dir", str(warm), "--out",
@@ -56,10 +57,12 @@ def main() -> None:
     lines += [f"| {r['setting']} | {r['features_prefix_s']:.1f} | {r['epochs_s']:.1f} | {r['wall_s']:.1f} | "
               f"{r['val_accuracy']:.3f} |" for r in rows]
     m = machine()
-    table = "\n".join([f"Default recipe on FSDD ({args.max_clips or 2500} clips), features cached, prefix cold, "
+    table = "\n".join([f"Recipe {args.recipe} on FSDD ({args.max_clips or 2500} clips), features cached, prefix cold, "
                        f"random VGG16 ({m['cpu']}, {m['cores']} cores, jax {m['jax']})", "", *lines]) + "\n"
     print(table)
-    write_results("xla_setting_job", {"machine": m, "rows": rows}, table)
+    name = "xla_setting_job" + ("" if args.recipe == "jaxtl" else f"-{args.recipe}") + \
+        (f"-n{args.max_clips}" if args.max_clips else "")
+    write_results(name, {"machine": m, "recipe": args.recipe, "rows": rows}, table)
 
 
 if __name__ == "__main__":
