@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 
 from jaxtl import tune
@@ -17,14 +16,8 @@ tune.apply()  # the XLA setting `jaxtl tune` measured on this machine, as every 
 def machine() -> dict:
     import jax
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     dev = jax.devices()[0]
-    return {"cpu": cpu, "cores": os.cpu_count(), "device": getattr(dev, "device_kind", dev.platform),
+    return {"cpu": tune.cpu_model(), "cores": os.cpu_count(), "device": getattr(dev, "device_kind", dev.platform),
             "platform": dev.platform, "n_devices": len(jax.devices()), "jax": jax.__version__,
             "xla_setting": tune.in_effect()}
 

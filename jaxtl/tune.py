@@ -71,21 +71,24 @@ def tune_file() -> Path:
     return Path(os.environ.get("JAXTL_TUNE_FILE") or Path.home() / ".cache" / "jaxtl" / "xla-tune.json")
 
 
-def machine_key() -> str:
-    """CPU model, usable cores, jax and jaxlib versions: what a measurement holds for."""
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what the platform says."""
     import platform
 
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """CPU model, usable cores, jax and jaxlib versions: what a measurement holds for."""
     import jax
     import jaxlib
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu} | {cores} cores | jax {jax.__version__} | jaxlib {jaxlib.__version__}"
+    return f"{cpu_model()} | {cores} cores | jax {jax.__version__} | jaxlib {jaxlib.__version__}"
 
 
 def _records() -> dict:
