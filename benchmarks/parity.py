@@ -20,6 +20,9 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, write_results  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from keras_reference import saved_keras_model  # noqa: E402
+
 FAMILIES = {"vgg16": "VGG16", "vgg19": "VGG19", "resnet50": "ResNet50", "mobilenet_v2": "MobileNetV2",
             "efficientnet_b0": "EfficientNetB0"}
 
@@ -32,27 +35,12 @@ def rel(a, b) -> float:
 def keras_rows(sizes, folder: Path) -> list[dict]:
     import jax
     import keras
-    from keras.src.legacy.saving import legacy_h5_format
 
     from jaxtl import load_backbone
 
     rows, rng = [], np.random.default_rng(0)
     for name, cls in FAMILIES.items():
-        model = getattr(keras.applications, cls)(weights=None, include_top=False, input_shape=(None, None, 3))
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                c = layer.gamma.shape[0]
-                layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.3, c), rng.normal(0, 0.3, c),
-                                   rng.uniform(0.3, 3.0, c)])
-            elif isinstance(layer, keras.layers.Normalization):
-                layer.set_weights([np.array([0.48, 0.45, 0.40]), np.array([0.05, 0.06, 0.07]), np.array(0)])
-                layer.finalize_state()
-        files = {"keras3": folder / f"{name}.weights.h5", "legacy": folder / f"{name}.h5"}
-        model.save_weights(str(files["keras3"]))
-        import h5py
-
-        with h5py.File(files["legacy"], "w") as f:
-            legacy_h5_format.save_weights_to_hdf5_group(f, model)
+        model, files = saved_keras_model(keras, name, cls, folder, rng)
         for size in sizes:
             x = rng.uniform(0, 1, (2, size, size, 3)).astype(np.float32)
             x = {"mobilenet_v2": x * 2 - 1, "efficientnet_b0": x * 255}.get(name, x * 255 - 120)

@@ -6,7 +6,6 @@ import json
 import pickle
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
@@ -17,21 +16,10 @@ from jaxtl.evaluate import evaluate
 from jaxtl.predict import predict
 from jaxtl.train import run
 from jaxtl.weights import WeightsError, load_weights
+from keras_reference import saved_keras_model
 
 KERAS_FAMILIES = {"vgg16": "VGG16", "vgg19": "VGG19", "resnet50": "ResNet50", "mobilenet_v2": "MobileNetV2",
                   "efficientnet_b0": "EfficientNetB0"}
-
-
-def _randomise_statistics(keras, model, rng):
-    """BN moving statistics (and EfficientNet's input Normalization) far from 0 and 1, as trained ones are."""
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.3, c), rng.normal(0, 0.3, c),
-                               rng.uniform(0.3, 3.0, c)])
-        elif isinstance(layer, keras.layers.Normalization):
-            layer.set_weights([np.array([0.48, 0.45, 0.40]), np.array([0.05, 0.06, 0.07]), np.array(0)])
-            layer.finalize_state()  # Keras' Normalization reads its weights into `mean`/`variance` here
 
 
 # Building Keras' MobileNetV2 and EfficientNet-B0 takes 10-30 s of Python each, and VGG19 runs VGG16's code (whose
@@ -43,17 +31,9 @@ def keras_files(request, tmp_path_factory):
     """(name, reference model, {format: file}): a Keras model of the family with random weights and statistics,
     saved as Keras 3 `.weights.h5` and as legacy H5."""
     keras = pytest.importorskip("keras")
-    from keras.src.legacy.saving import legacy_h5_format
-
     name = request.param
-    build = getattr(keras.applications, KERAS_FAMILIES[name])
-    model = build(weights=None, include_top=False, input_shape=(None, None, 3))
-    _randomise_statistics(keras, model, np.random.default_rng(len(name)))
-    folder = tmp_path_factory.mktemp(name)
-    files = {"keras3": folder / f"{name}.weights.h5", "legacy": folder / f"{name}.h5"}
-    model.save_weights(str(files["keras3"]))
-    with h5py.File(files["legacy"], "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    model, files = saved_keras_model(keras, name, KERAS_FAMILIES[name], tmp_path_factory.mktemp(name),
+                               np.random.default_rng(len(name)))
     return name, model, files
 
 
